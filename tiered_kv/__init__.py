@@ -1,0 +1,1 @@
+"""tiered_kv: a KV cache bigger than GPU memory."""

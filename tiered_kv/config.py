@@ -1,0 +1,184 @@
+"""Configuration: frozen keyword-only dataclasses validated on construction.
+
+Every bad value raises :class:`~tiered_kv.errors.ConfigError` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = [
+    "ModelConfig",
+    "LayoutConfig",
+    "DiskConfig",
+    "KvBlockManagerConfig",
+    "DTYPES",
+    "LAYOUTS",
+    "HASH_ALGORITHMS",
+]
+
+#: Supported KV dtypes by name.
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+LAYOUTS = ("fully_contiguous", "layer_separate")
+HASH_ALGORITHMS = ("sha256", "xxh3_128")
+BACKENDS = ("auto", "posix", "kvikio")
+DURABILITIES = ("sync", "batch", "none")
+DEVICE_TYPES = ("auto", "cuda", "cpu")
+
+
+def _positive_int(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, value, "must be an int")
+    if value <= 0:
+        raise ConfigError(field, value, "must be > 0")
+
+
+def _choice(field: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(field, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape of one KV block.
+
+    A block holds ``page_size`` tokens of K and V (``outer_dim`` = 2) for every layer; ``inner_dim`` is
+    heads x head_dim of one of them.
+    """
+
+    num_layers: int
+    inner_dim: int
+    page_size: int = 16
+    outer_dim: int = 2
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "inner_dim", "page_size", "outer_dim"):
+            _positive_int(name, getattr(self, name))
+        _choice("dtype", self.dtype, list(DTYPES))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by :attr:`dtype`."""
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int]:
+        """``(num_layers, outer_dim, page_size, inner_dim)``."""
+        return (self.num_layers, self.outer_dim, self.page_size, self.inner_dim)
+
+    @property
+    def block_size_bytes(self) -> int:
+        """Bytes of one block: num_layers*outer_dim*page_size*inner_dim*itemsize."""
+        return self.num_layers * self.outer_dim * self.page_size * self.inner_dim * self.itemsize
+
+    @property
+    def kv_size_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers."""
+        return self.num_layers * self.outer_dim * self.inner_dim * self.itemsize
+
+    def fingerprint(self) -> str:
+        """A stable string that changes when any field changes (same value in every process)."""
+        doc = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(doc.encode()).hexdigest()[:16]
+        return (
+            f"L{self.num_layers}-O{self.outer_dim}-P{self.page_size}-I{self.inner_dim}-{self.dtype}-{digest}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayoutConfig:
+    """Size and memory layout of a device or host tier."""
+
+    num_blocks: int
+    layout: str = "fully_contiguous"
+
+    def __post_init__(self) -> None:
+        _positive_int("num_blocks", self.num_blocks)
+        _choice("layout", self.layout, LAYOUTS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskConfig:
+    """The NVMe tier: a directory holding preallocated block files and an LMDB registry.
+
+    ``backend``: "auto" (kvikio when CUDA and kvikio are usable, else "posix"), "kvikio", "posix".
+    ``durability``: "sync" (each write batch is synced before it completes), "batch" (synced at least every
+    second and at flush/close), "none" (the OS decides; flush/close still sync).
+    """
+
+    path: str | os.PathLike[str]
+    num_blocks: int
+    backend: str = "auto"
+    durability: str = "batch"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            raise ConfigError("path", self.path, "must be a non-empty path")
+        _positive_int("num_blocks", self.num_blocks)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("durability", self.durability, DURABILITIES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KvBlockManagerConfig:
+    """Configuration of a :class:`~tiered_kv.manager.KvBlockManager`; at least one tier must be given."""
+
+    model: ModelConfig
+    device: LayoutConfig | None = None
+    host: LayoutConfig | None = None
+    disk: DiskConfig | None = None
+    eviction: str = "arc"
+    hash_algorithm: str = "sha256"
+    namespace: str = "default"
+    device_type: str = "auto"
+    remote: Any = None
+
+    def __post_init__(self) -> None:
+        from .policies import available_policies
+
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError("model", self.model, "must be a ModelConfig")
+        for name in ("device", "host"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, LayoutConfig):
+                raise ConfigError(name, value, "must be a LayoutConfig or None")
+        if self.disk is not None and not isinstance(self.disk, DiskConfig):
+            raise ConfigError("disk", self.disk, "must be a DiskConfig or None")
+        if self.device is None and self.host is None and self.disk is None:
+            raise ConfigError("device", None, "at least one of device, host, disk must be given")
+        _choice("eviction", self.eviction, available_policies())
+        _choice("hash_algorithm", self.hash_algorithm, HASH_ALGORITHMS)
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ConfigError("namespace", self.namespace, "must be a non-empty str")
+        _choice("device_type", self.device_type, DEVICE_TYPES)
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device_type", self.device_type, "CUDA is not available in this process")
+
+    @property
+    def resolved_device_type(self) -> str:
+        """"cuda" or "cpu": what ``device_type="auto"`` means in this process."""
+        if self.device_type == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device_type
