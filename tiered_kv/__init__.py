@@ -1,1 +1,60 @@
-"""tiered_kv: a KV cache bigger than GPU memory."""
+"""tiered_kv: a KV cache bigger than GPU memory.
+
+KV blocks live in up to three tiers (device, pinned host, NVMe), are found again by a chained hash of their
+tokens, and move between tiers so that a returning prefix costs a copy instead of a prefill.
+"""
+
+from .blocks import ImmutableBlock, MutableBlock, UnreleasedBlockWarning
+from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig
+from .errors import (
+    BlockPoolError,
+    ConfigError,
+    CorruptBlockError,
+    DiskFullError,
+    DiskTierError,
+    InvalidBlockError,
+    LayoutMismatchError,
+    NotEnoughBlocksAvailable,
+    ShutdownError,
+    TieredKvError,
+)
+from .hashing import SequenceHash, compute_cache_keys, compute_prefix_match, compute_sequence_hashes
+from .manager import KvBlockManager
+from .metrics import EvictionEvent
+from .policies import ARCPolicy, EvictionPolicy, LRUPolicy, register_eviction_policy
+from .pool import BlockPool, BlockState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCPolicy",
+    "BlockPool",
+    "BlockPoolError",
+    "BlockState",
+    "ConfigError",
+    "CorruptBlockError",
+    "DiskConfig",
+    "DiskFullError",
+    "DiskTierError",
+    "EvictionEvent",
+    "EvictionPolicy",
+    "ImmutableBlock",
+    "InvalidBlockError",
+    "KvBlockManager",
+    "KvBlockManagerConfig",
+    "LRUPolicy",
+    "LayoutConfig",
+    "LayoutMismatchError",
+    "ModelConfig",
+    "MutableBlock",
+    "NotEnoughBlocksAvailable",
+    "SequenceHash",
+    "ShutdownError",
+    "TieredKvError",
+    "UnreleasedBlockWarning",
+    "compute_cache_keys",
+    "compute_prefix_match",
+    "compute_sequence_hashes",
+    "register_eviction_policy",
+    "__version__",
+]

@@ -1,0 +1,232 @@
+"""Adaptive Replacement Cache (Megiddo & Modha, FAST 2003).
+
+The cache directory is the paper's: ``T1`` (entries seen once recently), ``T2`` (seen at least twice), the ghost
+lists ``B1``/``B2`` (keys recently evicted from T1/T2, no data) and the adaptive target ``p`` for the size of T1.
+Ghost lists are bounded as in the paper: ``|T1|+|B1| <= c`` and ``|T1|+|T2|+|B1|+|B2| <= 2c``.
+
+How held blocks are handled. A pool cannot evict a block that is referenced or pinned, but ARC must still count it
+(it occupies a slot and was seen once or twice). Each of T1 and T2 is therefore split into an ordered list of
+evictable entries and a counter of held ones: ``|T1| = len(T1 evictable) + held in T1``. Every size comparison
+(REPLACE's ``|T1| > p``, the ghost bounds) uses the full sizes, so the invariants are the paper's. REPLACE takes
+the least recent *evictable* entry of the list the paper chooses; if that list has none, it takes one from the
+other list (the paper's choice is impossible there, and the other list is what LRU order would give). A held entry
+that becomes evictable re-enters its list at the most recent end, since its holder has just used it; a hit on a
+held entry moves it from T1 to T2 as any hit does. All operations are O(1).
+
+Two entry points. The pool drives :meth:`insert` / :meth:`touch` / :meth:`evict` separately, because it evicts
+when it needs a slot (at allocation) and learns the new key only later (at registration); ``p`` is adapted at
+insert time, when the ghost hit is known, and REPLACE runs without the B2 tie-break hint. :meth:`request` runs
+the paper's algorithm for one reference exactly as published (adapt, REPLACE with the tie-break, insert), for
+simulations and for the textbook tests.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from .base import EvictionPolicy
+
+__all__ = ["ARCPolicy"]
+
+_T1 = 1
+_T2 = 2
+
+
+class ARCPolicy(EvictionPolicy):
+    """ARC over the cached entries of one pool of ``capacity`` blocks."""
+
+    __slots__ = ("_b1", "_b2", "_held", "_held1", "_held2", "_t1", "_t2", "capacity", "p")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        self.capacity = capacity
+        self.p = 0.0
+        self._t1: OrderedDict[Hashable, None] = OrderedDict()
+        self._t2: OrderedDict[Hashable, None] = OrderedDict()
+        self._b1: OrderedDict[Hashable, None] = OrderedDict()
+        self._b2: OrderedDict[Hashable, None] = OrderedDict()
+        self._held: dict[Hashable, int] = {}
+        self._held1 = 0
+        self._held2 = 0
+
+    # --- sizes -----------------------------------------------------------------------------------------------
+    def t1_size(self) -> int:
+        """|T1|, held entries included."""
+        return len(self._t1) + self._held1
+
+    def t2_size(self) -> int:
+        """|T2|, held entries included."""
+        return len(self._t2) + self._held2
+
+    def __len__(self) -> int:
+        return len(self._t1) + len(self._t2) + len(self._held)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._t1 or key in self._t2 or key in self._held
+
+    def evictable_count(self) -> int:
+        return len(self._t1) + len(self._t2)
+
+    # --- pool interface --------------------------------------------------------------------------------------
+    def insert(self, key: Hashable, evictable: bool) -> None:
+        if key in self._t1 or key in self._t2 or key in self._held:
+            self.touch(key)
+            self.set_evictable(key, evictable)
+            return
+        where = self._adapt_on_ghost_hit(key) if key in self._b1 or key in self._b2 else 0
+        if where == 0:
+            self._trim_ghosts_for_new_key()
+            where = _T1
+        self._place(key, where, evictable)
+
+    def touch(self, key: Hashable) -> None:
+        if key in self._t1:
+            del self._t1[key]
+            self._t2[key] = None
+        elif key in self._t2:
+            self._t2.move_to_end(key)
+        else:
+            where = self._held.get(key)
+            if where == _T1:
+                self._held[key] = _T2
+                self._held1 -= 1
+                self._held2 += 1
+
+    def set_evictable(self, key: Hashable, evictable: bool) -> None:
+        if evictable:
+            where = self._held.pop(key, 0)
+            if where == _T1:
+                self._held1 -= 1
+                self._t1[key] = None
+            elif where == _T2:
+                self._held2 -= 1
+                self._t2[key] = None
+        elif key in self._t1:
+            del self._t1[key]
+            self._held[key] = _T1
+            self._held1 += 1
+        elif key in self._t2:
+            del self._t2[key]
+            self._held[key] = _T2
+            self._held2 += 1
+
+    def evict(self) -> Hashable | None:
+        return self._replace(in_b2=False)
+
+    def remove(self, key: Hashable) -> None:
+        if self._t1.pop(key, 0) is None or self._t2.pop(key, 0) is None:
+            return
+        where = self._held.pop(key, 0)
+        if where == _T1:
+            self._held1 -= 1
+        elif where == _T2:
+            self._held2 -= 1
+        else:
+            self._b1.pop(key, None)
+            self._b2.pop(key, None)
+
+    def clear(self) -> None:
+        for d in (self._t1, self._t2, self._b1, self._b2, self._held):
+            d.clear()
+        self._held1 = self._held2 = 0
+        self.p = 0.0
+
+    # --- the paper's algorithm for one reference ---------------------------------------------------------------
+    def request(self, key: Hashable) -> bool:
+        """Process one reference to ``key`` exactly as in the paper; returns True on a hit.
+
+        Every entry is treated as evictable. The caller has no data to manage; this is the simulator form.
+        """
+        if key in self._t1 or key in self._t2 or key in self._held:
+            self.touch(key)
+            return True
+        c = self.capacity
+        in_b2 = key in self._b2
+        where = self._adapt_on_ghost_hit(key)
+        if where:  # cases II and III
+            if self.t1_size() + self.t2_size() >= c:
+                self._replace(in_b2)
+            self._place(key, where, True)
+            return False
+        # case IV
+        t1 = self.t1_size()
+        if t1 + len(self._b1) >= c:
+            if t1 < c:
+                self._b1.popitem(last=False)
+                self._replace(False)
+            else:
+                self._t1.popitem(last=False)  # B1 is empty: the LRU page of T1 leaves without a ghost
+        else:
+            total = t1 + self.t2_size() + len(self._b1) + len(self._b2)
+            if total >= c:
+                if total >= 2 * c and self._b2:
+                    self._b2.popitem(last=False)
+                if t1 + self.t2_size() >= c:
+                    self._replace(False)
+        self._place(key, _T1, True)
+        return False
+
+    # --- internals ----------------------------------------------------------------------------------------------
+    def _adapt_on_ghost_hit(self, key: Hashable) -> int:
+        """Cases II/III: adapt p on a ghost hit and drop the ghost; returns _T2, or 0 when ``key`` is no ghost."""
+        if key in self._b1:
+            delta = max(len(self._b2) / len(self._b1), 1.0)
+            self.p = min(float(self.capacity), self.p + delta)
+            del self._b1[key]
+            return _T2
+        if key in self._b2:
+            delta = max(len(self._b1) / len(self._b2), 1.0)
+            self.p = max(0.0, self.p - delta)
+            del self._b2[key]
+            return _T2
+        return 0
+
+    def _trim_ghosts_for_new_key(self) -> None:
+        """Case IV's directory bounds, when the pool already made room in the cache itself."""
+        c = self.capacity
+        b1 = self._b1
+        t1 = len(self._t1) + self._held1
+        if t1 + len(b1) >= c:
+            if b1:
+                b1.popitem(last=False)
+        elif t1 + len(self._t2) + self._held2 + len(b1) + len(self._b2) >= 2 * c and self._b2:
+            self._b2.popitem(last=False)
+
+    def _place(self, key: Hashable, where: int, evictable: bool) -> None:
+        if not evictable:
+            self._held[key] = where
+            if where == _T1:
+                self._held1 += 1
+            else:
+                self._held2 += 1
+        elif where == _T1:
+            self._t1[key] = None
+        else:
+            self._t2[key] = None
+
+    def _replace(self, in_b2: bool) -> Hashable | None:
+        """REPLACE(x, p): move the chosen LRU entry of T1 or T2 to its ghost list and return its key."""
+        t1 = len(self._t1) + self._held1
+        prefer_t1 = t1 >= 1 and ((in_b2 and t1 == self.p) or t1 > self.p)
+        if (prefer_t1 and self._t1) or not self._t2:
+            if not self._t1:
+                return None
+            victim = self._t1.popitem(last=False)[0]
+            self._b1[victim] = None
+        else:
+            victim = self._t2.popitem(last=False)[0]
+            self._b2[victim] = None
+        return victim
+
+    # --- inspection ---------------------------------------------------------------------------------------------
+    def lists(self) -> dict[str, list[Hashable]]:
+        """T1, T2 (evictable entries, LRU first), B1, B2 and held keys; for tests and debugging."""
+        return {
+            "T1": list(self._t1),
+            "T2": list(self._t2),
+            "B1": list(self._b1),
+            "B2": list(self._b2),
+            "held": list(self._held),
+        }

@@ -1,0 +1,107 @@
+"""The eviction-policy interface and the registry that maps a name to a policy factory.
+
+A policy orders the *cached* blocks of one pool (registered blocks, keyed by sequence hash) and picks eviction
+victims. It never touches storage and knows nothing about slots or tensors. The pool tells it:
+
+* ``insert(key, evictable)`` — a new hash entered the cache (a miss that was filled);
+* ``touch(key)`` — a hit on a cached hash;
+* ``set_evictable(key, flag)`` — the block became held (referenced or pinned) or free to evict again;
+* ``evict()`` — pick one evictable victim, forget it as a cached entry and return its key (``None`` if there is none);
+* ``remove(key)`` — the pool dropped the entry for another reason (reset, corruption); no ghost is kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+
+from ..errors import ConfigError
+
+__all__ = ["EvictionPolicy", "PolicyFactory", "register_eviction_policy", "available_policies", "create_policy"]
+
+
+class EvictionPolicy(ABC):
+    """Orders cached entries and chooses victims among the evictable ones."""
+
+    capacity: int
+
+    @abstractmethod
+    def insert(self, key: Hashable, evictable: bool) -> None:
+        """Add a new cached entry (a miss that has been filled)."""
+
+    @abstractmethod
+    def touch(self, key: Hashable) -> None:
+        """Record a hit on a cached entry."""
+
+    @abstractmethod
+    def set_evictable(self, key: Hashable, evictable: bool) -> None:
+        """Mark a cached entry as held (never returned by :meth:`evict`) or evictable again."""
+
+    @abstractmethod
+    def evict(self) -> Hashable | None:
+        """Choose an evictable victim, forget it as a cached entry and return its key, or None."""
+
+    @abstractmethod
+    def remove(self, key: Hashable) -> None:
+        """Forget an entry entirely (no history is kept); unknown keys are ignored."""
+
+    @abstractmethod
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is a cached entry (held or evictable)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of cached entries (held and evictable)."""
+
+    @abstractmethod
+    def evictable_count(self) -> int:
+        """Number of entries :meth:`evict` could return."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Forget everything, history included."""
+
+
+PolicyFactory = Callable[[int], EvictionPolicy]
+
+_REGISTRY: dict[str, PolicyFactory] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_eviction_policy(name: str, factory: PolicyFactory) -> None:
+    """Make ``eviction=name`` available in :class:`~tiered_kv.config.KvBlockManagerConfig`.
+
+    Args:
+        name: the policy name; re-registering a name replaces its factory.
+        factory: ``factory(capacity) -> policy`` with the :class:`EvictionPolicy` interface.
+
+    Raises:
+        ConfigError: the name is not a non-empty str or the factory is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name", name, "must be a non-empty str")
+    if not callable(factory):
+        raise ConfigError("factory", factory, "must be callable as factory(capacity) -> policy")
+    with _REGISTRY_LOCK:
+        _REGISTRY[name] = factory
+
+
+def available_policies() -> list[str]:
+    """Names accepted by ``KvBlockManagerConfig(eviction=...)``."""
+    with _REGISTRY_LOCK:
+        return sorted(_REGISTRY)
+
+
+def create_policy(name: str, capacity: int) -> EvictionPolicy:
+    """Build the policy registered under ``name`` for a pool of ``capacity`` blocks."""
+    with _REGISTRY_LOCK:
+        factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ConfigError("eviction", name, f"unknown policy; registered: {', '.join(available_policies())}")
+    policy = factory(capacity)
+    missing = [m for m in ("insert", "touch", "set_evictable", "evict", "remove", "evictable_count", "clear")
+               if not callable(getattr(policy, m, None))]
+    if missing:
+        raise ConfigError("eviction", name, f"factory returned {type(policy).__name__} without {', '.join(missing)}")
+    return policy

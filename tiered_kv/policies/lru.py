@@ -1,0 +1,70 @@
+"""Least-recently-used eviction."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from .base import EvictionPolicy
+
+__all__ = ["LRUPolicy"]
+
+
+class LRUPolicy(EvictionPolicy):
+    """Evicts the evictable entry used least recently.
+
+    Held entries (referenced or pinned) are kept outside the recency list; when one becomes evictable again it
+    re-enters at the most recent end, because its holder just used it.
+    """
+
+    __slots__ = ("_held", "_lru", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lru: OrderedDict[Hashable, None] = OrderedDict()
+        self._held: set[Hashable] = set()
+
+    def insert(self, key: Hashable, evictable: bool) -> None:
+        if evictable:
+            self._lru[key] = None
+        else:
+            self._held.add(key)
+
+    def touch(self, key: Hashable) -> None:
+        if key in self._lru:
+            self._lru.move_to_end(key)
+
+    def set_evictable(self, key: Hashable, evictable: bool) -> None:
+        if evictable:
+            if key in self._held:
+                self._held.discard(key)
+                self._lru[key] = None
+        elif key in self._lru:
+            del self._lru[key]
+            self._held.add(key)
+
+    def evict(self) -> Hashable | None:
+        if not self._lru:
+            return None
+        return self._lru.popitem(last=False)[0]
+
+    def remove(self, key: Hashable) -> None:
+        self._lru.pop(key, None)
+        self._held.discard(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._lru or key in self._held
+
+    def __len__(self) -> int:
+        return len(self._lru) + len(self._held)
+
+    def evictable_count(self) -> int:
+        return len(self._lru)
+
+    def clear(self) -> None:
+        self._lru.clear()
+        self._held.clear()
+
+    def order(self) -> list[Hashable]:
+        """Evictable keys, least recent first (for tests and inspection)."""
+        return list(self._lru)

@@ -1,0 +1,658 @@
+"""BlockPool: the bookkeeping of one tier (no I/O of its own, no eviction order of its own).
+
+Life of a slot::
+
+    FREE --allocate--> MUTABLE --register--> REGISTERED (refs > 0: active) --last release--> inactive (refs == 0)
+      ^                   |                        |                                              |
+      +---- release ------+                        +--- pinned: never evicted                     |
+      +------------------------------- evicted (victim chosen by the policy) <--------------------+
+
+A registered block stays matchable while inactive, until the policy picks it as a victim because a slot is
+needed. Registering a hash that is already present returns the existing block (deduplicated) and frees the new
+slot. Every match hands out a new :class:`~tiered_kv.blocks.ImmutableBlock`, each owning one reference.
+
+Locking. One lock guards the bookkeeping; every public call takes it once per batch. Storage calls that may do
+I/O (the disk tier's writes) run outside it: registrations on a persistent storage are serialised by a second
+lock, held across "validate, write, commit", so that two writers of one hash cannot both commit a row.
+Handles dropped without ``release()`` are queued by their finalizer (which must never take a lock: it can run
+inside any code, this pool's included) and released at the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .blocks import ImmutableBlock, MutableBlock, _Block
+from .errors import CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
+from .metrics import PoolMetrics
+from .policies import EvictionPolicy
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .storage.base import BlockStorage
+
+__all__ = ["BlockPool", "BlockState", "EvictionHandler"]
+
+_FREE = 0
+_MUTABLE = 1
+_REGISTERED = 2
+_DOOMED = 3  # dropped from the index while still referenced; freed at the last release
+
+
+class BlockState(IntEnum):
+    """Priority of a slot when room is needed (seed 000): higher values are kept longer."""
+
+    FREE = 0
+    CACHED = 1  # registered and inactive: evictable
+    ALLOCATED = 2  # mutable, or registered and referenced
+    PINNED = 3  # never evicted
+
+
+#: Called under the pool lock with the ``(hash, slot)`` victims of one allocation, before their slots are reused.
+EvictionHandler = Callable[[list[tuple[bytes, int]]], None]
+
+
+class BlockPool:
+    """The blocks of one tier.
+
+    Args:
+        tier: "device", "host" or "disk".
+        storage: where the bytes live.
+        policy: eviction policy over this pool's registered blocks.
+        hash_length: byte length of a sequence hash (32 for sha256, 16 for xxh3_128).
+    """
+
+    def __init__(self, tier: str, storage: BlockStorage, policy: EvictionPolicy, hash_length: int) -> None:
+        n = storage.num_blocks
+        self.tier = tier
+        self.storage = storage
+        self.model: ModelConfig = storage.model
+        self.policy = policy
+        self.hash_length = hash_length
+        self.metrics = PoolMetrics(tier)
+        self._lock = threading.Lock()
+        self._persistent = storage.persistent
+        self._register_lock = threading.Lock() if storage.persistent else None
+        self._room = threading.Condition(self._lock)
+        self._n = n
+        self._free: list[int] = list(range(n - 1, -1, -1))  # a stack: low slots first
+        self._state = [_FREE] * n
+        self._refs = [0] * n
+        self._pins = [0] * n
+        self._gen = [0] * n
+        self._slot_hash: list[bytes | None] = [None] * n
+        self._by_hash: dict[bytes, int] = {}
+        self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
+        self._on_evict: EvictionHandler | None = None
+        self._closed: Callable[[], bool] = lambda: False
+
+    # ---------------------------------------------------------------------------------------------- inspection
+    def total_blocks(self) -> int:
+        """Number of slots."""
+        return self._n
+
+    def available_blocks(self) -> int:
+        """Free slots plus evictable (inactive, unpinned) registered blocks."""
+        with self._lock:
+            self._drain_pending()
+            return len(self._free) + self.policy.evictable_count()
+
+    def usage_rate(self) -> float:
+        """``(total - available) / total``."""
+        return (self._n - self.available_blocks()) / self._n
+
+    def cache_hit_rate(self) -> float:
+        """Matched / looked-up hashes in this pool."""
+        return self.metrics.hit_rate
+
+    def __contains__(self, sequence_hash: object) -> bool:
+        return sequence_hash in self._by_hash
+
+    def __len__(self) -> int:
+        """Registered (matchable) blocks."""
+        return len(self._by_hash)
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every matchable hash, in no particular order."""
+        with self._lock:
+            return list(self._by_hash)
+
+    def block_state(self, block_id: int) -> BlockState:
+        """Eviction priority of a slot."""
+        if not 0 <= block_id < self._n:
+            raise IndexError(f"block_id must be in [0, {self._n}), got {block_id}")
+        with self._lock:
+            self._drain_pending()
+            state = self._state[block_id]
+            if state == _FREE:
+                return BlockState.FREE
+            if self._pins[block_id]:
+                return BlockState.PINNED
+            if state == _REGISTERED and self._refs[block_id] == 0:
+                return BlockState.CACHED
+            return BlockState.ALLOCATED
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and occupancy of this pool."""
+        with self._lock:
+            self._drain_pending()
+            free = len(self._free)
+            evictable = self.policy.evictable_count()
+            registered = len(self._by_hash)
+            pinned = sum(1 for p in self._pins if p)
+            mutable = sum(1 for s in self._state if s == _MUTABLE)
+        m = self.metrics
+        return {
+            "total_blocks": self._n,
+            "available_blocks": free + evictable,
+            "free_blocks": free,
+            "cached_blocks": registered,
+            "inactive_blocks": evictable,
+            "active_blocks": registered - evictable,
+            "mutable_blocks": mutable,
+            "pinned_blocks": pinned,
+            "usage_rate": (self._n - free - evictable) / self._n,
+            "hits": m.hits,
+            "misses": m.misses,
+            "hit_rate": m.hit_rate,
+            "evictions": m.evictions,
+            "eviction_rate": m.eviction_rate(60.0),
+            "corrupt_blocks": m.corrupt,
+        }
+
+    # ---------------------------------------------------------------------------------------------- allocation
+    def set_eviction_handler(self, handler: EvictionHandler | None) -> None:
+        """Install the callback that sees victims before their slots are reused (the offload scheduler's hook)."""
+        self._on_evict = handler
+
+    def allocate_blocks(self, n: int) -> list[MutableBlock]:
+        """Allocate ``n`` mutable blocks, all or nothing, evicting inactive blocks if needed.
+
+        Raises:
+            NotEnoughBlocksAvailable: fewer than ``n`` blocks are free or evictable; nothing was allocated.
+            ValueError: ``n`` is not a non-negative int.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        self._check_open()
+        with self._lock:
+            return self._allocate_locked(n)
+
+    def _allocate_locked(self, n: int) -> list[MutableBlock]:
+        if self._pending:
+            self._drain_pending()
+        free = self._free
+        policy = self.policy
+        available = len(free) + policy.evictable_count()
+        if n > available:
+            raise NotEnoughBlocksAvailable(n, available, self.tier)
+        slots: list[int] = []
+        take = min(n, len(free))
+        if take:
+            slots = free[-take:]
+            del free[-take:]
+            slots.reverse()
+        if len(slots) < n:
+            try:
+                victims = self._evict_locked(n - len(slots))
+            except BaseException:
+                free.extend(reversed(slots))
+                raise
+            slots.extend(slot for _, slot in victims)
+        state, gen = self._state, self._gen
+        out = []
+        for slot in slots:
+            state[slot] = _MUTABLE
+            g = gen[slot] + 1
+            gen[slot] = g
+            out.append(MutableBlock(self, slot, g))
+        return out
+
+    def _evict_locked(self, count: int) -> list[tuple[bytes, int]]:
+        """Take ``count`` victims from the policy, checking each one, and drop them from the index."""
+        policy = self.policy
+        by_hash, refs, pins, state = self._by_hash, self._refs, self._pins, self._state
+        victims: list[tuple[bytes, int]] = []
+        for _ in range(count):
+            key = policy.evict()
+            slot = by_hash.get(key) if isinstance(key, bytes) else None
+            if slot is None or refs[slot] or pins[slot] or state[slot] != _REGISTERED:
+                # A misbehaving (user) policy: put back what was taken and refuse, rather than corrupt the pool.
+                for h, _s in victims:
+                    policy.insert(h, True)
+                raise InvalidBlockError(
+                    f"eviction policy {type(policy).__name__} of the {self.tier} pool returned {key!r}, "
+                    "which is not an evictable block of this pool"
+                )
+            victims.append((key, slot))  # type: ignore[arg-type]  # checked above: a bytes key of this pool
+        for h, slot in victims:
+            del by_hash[h]
+            self._slot_hash[slot] = None
+            state[slot] = _FREE
+        if self._on_evict is not None:
+            self._on_evict(victims)
+        self.storage.discard([s for _, s in victims], [h for h, _ in victims])
+        self.metrics.record_evictions(victims, "capacity")
+        return victims
+
+    def evict_inactive(self, count: int) -> list[tuple[bytes, int]]:
+        """Evict up to ``count`` inactive blocks now and free their slots (used by ``trigger_eviction``)."""
+        self._check_open()
+        with self._lock:
+            self._drain_pending()
+            count = min(count, self.policy.evictable_count())
+            victims = self._evict_locked(count) if count > 0 else []
+            self._free.extend(slot for _, slot in victims)
+            if victims:
+                self._room.notify_all()
+            return victims
+
+    async def allocate_blocks_async(self, n: int, timeout: float | None = None) -> list[MutableBlock]:
+        """Async twin of :meth:`allocate_blocks`.
+
+        With ``timeout=None`` it fails at once like the sync call; with a timeout it waits (without blocking the
+        event loop) for blocks to be released, then raises :class:`NotEnoughBlocksAvailable`.
+        """
+        if timeout is None:
+            return self.allocate_blocks(n)
+        if n > self._n:
+            raise NotEnoughBlocksAvailable(n, self.available_blocks(), self.tier)
+        deadline = time.monotonic() + max(0.0, timeout)
+        delay = 0.0005
+        while True:
+            try:
+                return self.allocate_blocks(n)
+            except NotEnoughBlocksAvailable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 0.02)
+
+    # --------------------------------------------------------------------------------------------- registration
+    def register_blocks(
+        self, blocks: Sequence[MutableBlock], sequence_hashes: Sequence[bytes], tokens: Any = None
+    ) -> list[ImmutableBlock]:
+        """Make filled blocks immutable and matchable under their sequence hashes.
+
+        A hash already present returns the existing block (deduplicated) and frees the new one. The mutable
+        handles are consumed.
+
+        Raises:
+            ValueError: lengths differ, or a hash has the wrong type or length.
+            InvalidBlockError: a block is released, registered twice in the call, or from another pool.
+        """
+        blocks = list(blocks)
+        hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        if len(blocks) != len(hashes):
+            raise ValueError(f"blocks and sequence_hashes differ in length: {len(blocks)} != {len(hashes)}")
+        self._check_open()
+        if self._register_lock is None:
+            with self._lock:
+                self._validate_mutable(blocks)
+                return self._register_locked(blocks, hashes)
+        with self._register_lock:
+            with self._lock:
+                self._validate_mutable(blocks)
+                new = [(b.block_id, h) for b, h in zip(blocks, hashes) if h not in self._by_hash]
+                seen: set[bytes] = set()
+                new = [(s, h) for s, h in new if not (h in seen or seen.add(h))]  # type: ignore[func-returns-value]
+            # Crash ordering lives in the storage: data first, then its registry rows, in one batch.
+            if new:
+                self.storage.commit([s for s, _ in new], [h for _, h in new])
+            with self._lock:
+                return self._register_locked(blocks, hashes)
+
+    def _validate_mutable(self, blocks: list[MutableBlock]) -> None:
+        state, gen = self._state, self._gen
+        seen: set[int] = set()
+        for i, b in enumerate(blocks):
+            if type(b) is not MutableBlock:
+                raise InvalidBlockError(f"blocks[{i}]: expected a MutableBlock, got {type(b).__name__}")
+            if b._pool is not self:
+                raise InvalidBlockError(f"blocks[{i}]: belongs to the {b._pool.tier} pool, not this {self.tier} pool")
+            slot = b.block_id
+            if b._released or state[slot] != _MUTABLE or gen[slot] != b._gen:
+                raise InvalidBlockError(f"blocks[{i}]: {self.tier}:{slot} has been released or registered")
+            if slot in seen:
+                raise InvalidBlockError(f"blocks[{i}]: {self.tier}:{slot} appears twice")
+            seen.add(slot)
+
+    def _register_locked(self, blocks: list[MutableBlock], hashes: list[bytes]) -> list[ImmutableBlock]:
+        by_hash, refs, pins, state, gen = self._by_hash, self._refs, self._pins, self._state, self._gen
+        slot_hash = self._slot_hash
+        policy = self.policy
+        freed = False
+        out = []
+        for b, h in zip(blocks, hashes):
+            slot = b.block_id
+            b._released = True
+            existing = by_hash.get(h)
+            if existing is None:
+                by_hash[h] = slot
+                slot_hash[slot] = h
+                state[slot] = _REGISTERED
+                refs[slot] = 1
+                policy.insert(h, False)
+                out.append(ImmutableBlock(self, slot, gen[slot], h))
+            else:
+                r = refs[existing]
+                if r == 0 and not pins[existing]:
+                    policy.set_evictable(h, False)
+                refs[existing] = r + 1
+                policy.touch(h)
+                state[slot] = _FREE
+                self.storage.drop_stage(slot)
+                self._free.append(slot)
+                freed = True
+                out.append(ImmutableBlock(self, existing, gen[existing], h))
+        if freed:
+            self._room.notify_all()
+        return out
+
+    # ------------------------------------------------------------------------------------------------- matching
+    def match_sequence_hashes(self, sequence_hashes: Sequence[bytes]) -> list[ImmutableBlock]:
+        """The longest prefix of ``sequence_hashes`` registered in this pool (no promotion from other tiers)."""
+        hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        self._check_open()
+        with self._lock:
+            return self._match_locked(hashes)
+
+    def _match_locked(self, hashes: list[bytes]) -> list[ImmutableBlock]:
+        if self._pending:
+            self._drain_pending()
+        by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
+        policy = self.policy
+        out = []
+        for h in hashes:
+            slot = by_hash.get(h)
+            if slot is None:
+                self.metrics.misses += 1
+                break
+            r = refs[slot]
+            if r == 0 and not pins[slot]:
+                policy.set_evictable(h, False)
+            refs[slot] = r + 1
+            policy.touch(h)
+            out.append(ImmutableBlock(self, slot, gen[slot], h))
+        self.metrics.hits += len(out)
+        if out and self._persistent:
+            self.storage.touch([b.sequence_hash for b in out])
+        return out
+
+    def _match_run(self, hashes: list[bytes], start: int, higher: Sequence[BlockPool]) -> list[ImmutableBlock]:
+        """Match ``hashes[start:]`` while present here and absent from every ``higher`` pool (cross-tier match).
+
+        Hits are counted here; misses are the caller's to count, since a hash that stops the run because a higher
+        tier holds it was not missed here.
+        """
+        self._check_open()
+        with self._lock:
+            self._drain_pending()
+            by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
+            policy = self.policy
+            out: list[ImmutableBlock] = []
+            for i in range(start, len(hashes)):
+                h = hashes[i]
+                slot = by_hash.get(h)
+                if slot is None or (out and any(h in p._by_hash for p in higher)):
+                    break
+                r = refs[slot]
+                if r == 0 and not pins[slot]:
+                    policy.set_evictable(h, False)
+                refs[slot] = r + 1
+                policy.touch(h)
+                out.append(ImmutableBlock(self, slot, gen[slot], h))
+            self.metrics.hits += len(out)
+            if out and self._persistent:
+                self.storage.touch([b.sequence_hash for b in out])
+            return out
+
+    def touch(self, sequence_hashes: Sequence[bytes]) -> int:
+        """Refresh the recency of cached hashes without matching; returns how many were present."""
+        hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        with self._lock:
+            n = 0
+            for h in hashes:
+                if h in self._by_hash:
+                    self.policy.touch(h)
+                    n += 1
+            return n
+
+    # -------------------------------------------------------------------------------------------------- release
+    def release_blocks(self, blocks: Iterable[_Block]) -> None:
+        """Release many handles with one lock acquisition; already-released handles are skipped."""
+        with self._lock:
+            if self._pending:
+                self._drain_pending()
+            freed = False
+            refs, pins, state, gen = self._refs, self._pins, self._state, self._gen
+            policy = self.policy
+            for b in blocks:
+                if b._released:
+                    continue
+                if b._pool is not self:
+                    raise InvalidBlockError(f"{b!r} belongs to the {b._pool.tier} pool, not this {self.tier} pool")
+                b._released = True
+                slot = b.block_id
+                # Fast path: the last reference to a registered, unpinned block (the common case).
+                if type(b) is ImmutableBlock and gen[slot] == b._gen and state[slot] == _REGISTERED:
+                    r = refs[slot] - 1
+                    if r >= 0:
+                        refs[slot] = r
+                        if r == 0 and not pins[slot]:
+                            policy.set_evictable(b.sequence_hash, True)
+                            freed = True
+                    continue
+                freed |= self._release_slot(type(b) is MutableBlock, slot, b._gen)
+            if freed:
+                self._room.notify_all()
+
+    def _release_slot(self, mutable: bool, slot: int, gen: int) -> bool:
+        """Drop one hold on ``slot``; returns whether room was made."""
+        if self._gen[slot] != gen:
+            return False
+        state = self._state[slot]
+        if mutable:
+            if state != _MUTABLE:
+                return False
+            self._state[slot] = _FREE
+            self.storage.drop_stage(slot)
+            self._free.append(slot)
+            return True
+        r = self._refs[slot] - 1
+        if r < 0:
+            return False
+        self._refs[slot] = r
+        if r:
+            return False
+        if state == _DOOMED:
+            self._state[slot] = _FREE
+            self._slot_hash[slot] = None
+            self._free.append(slot)
+            return True
+        if not self._pins[slot]:
+            h = self._slot_hash[slot]
+            self.policy.set_evictable(h, True)
+            return True
+        return False
+
+    def _release_from_gc(self, block: _Block) -> None:
+        # Runs in a finalizer: no lock, just a thread-safe append (see the module docstring).
+        block._released = True
+        self._pending.append((1 if type(block) is MutableBlock else 0, block.block_id, block._gen))
+
+    def _drain_pending(self) -> None:
+        pending = self._pending
+        while pending:
+            kind, slot, gen = pending.popleft()
+            if self._release_slot(kind == 1, slot, gen):
+                self._room.notify_all()
+
+    # ------------------------------------------------------------------------------------------------- pinning
+    def pin_blocks(self, blocks: Sequence[ImmutableBlock | bytes]) -> None:
+        """Pin registered blocks (handles or hashes): pinned blocks are never evicted. Pins are counted."""
+        with self._lock:
+            slots = self._slots_of(blocks)
+            for slot in slots:
+                p = self._pins[slot]
+                if p == 0 and self._refs[slot] == 0:
+                    self.policy.set_evictable(self._slot_hash[slot], False)
+                self._pins[slot] = p + 1
+
+    def unpin_blocks(self, blocks: Sequence[ImmutableBlock | bytes]) -> None:
+        """Undo one :meth:`pin_blocks` per block; unpinning an unpinned block raises InvalidBlockError."""
+        with self._lock:
+            slots = self._slots_of(blocks)
+            for i, slot in enumerate(slots):
+                if self._pins[slot] - slots[:i].count(slot) <= 0:
+                    raise InvalidBlockError(f"blocks[{i}]: {self.tier}:{slot} is not pinned")
+            for slot in slots:
+                p = self._pins[slot] - 1
+                self._pins[slot] = p
+                if p == 0 and self._refs[slot] == 0:
+                    if self._state[slot] == _REGISTERED:
+                        self.policy.set_evictable(self._slot_hash[slot], True)
+                    self._room.notify_all()
+
+    def _slots_of(self, blocks: Sequence[ImmutableBlock | bytes]) -> list[int]:
+        slots = []
+        for i, b in enumerate(blocks):
+            if isinstance(b, ImmutableBlock):
+                if b._pool is not self or b._released:
+                    raise InvalidBlockError(f"blocks[{i}]: {b!r} is released or from another pool")
+                slot = b.block_id
+            elif isinstance(b, (bytes, bytearray)):
+                found = self._by_hash.get(bytes(b))
+                if found is None:
+                    raise InvalidBlockError(
+                        f"blocks[{i}]: hash {bytes(b).hex()} is not registered in the {self.tier} pool"
+                    )
+                slot = found
+            else:
+                raise InvalidBlockError(
+                    f"blocks[{i}]: expected an ImmutableBlock or a sequence hash, got {type(b).__name__}"
+                )
+            slots.append(slot)
+        return slots
+
+    # ---------------------------------------------------------------------------------------------------- data
+    def _read_view(self, block: ImmutableBlock, layer: int, outer: int) -> torch.Tensor:
+        try:
+            return self.storage.read_view(block.block_id, layer, outer)
+        except CorruptBlockError:
+            self.invalidate([block.sequence_hash], corrupt=True)
+            raise
+
+    def gather(self, blocks: Sequence[_Block], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Copy the data of many held blocks out in one call; returns (data, indices that failed verification).
+
+        Blocks failing verification are dropped from this pool (and counted as corrupt).
+        """
+        for i, b in enumerate(blocks):
+            if b._released or b._pool is not self:
+                raise InvalidBlockError(f"blocks[{i}]: {b!r} is released or from another pool")
+        data, bad = self.storage.gather([b.block_id for b in blocks], out)
+        if bad:
+            self.invalidate(
+                [b.sequence_hash for i in bad if isinstance(b := blocks[i], ImmutableBlock)], corrupt=True
+            )
+        return data, bad
+
+    def scatter(self, blocks: Sequence[MutableBlock], data: torch.Tensor) -> None:
+        """Fill many mutable blocks from ``data`` (``[n, layers, outer, page, inner]``) in one call."""
+        for i, b in enumerate(blocks):
+            if type(b) is not MutableBlock or b._released or b._pool is not self:
+                raise InvalidBlockError(f"blocks[{i}]: {b!r} is not a live MutableBlock of the {self.tier} pool")
+        self.storage.scatter([b.block_id for b in blocks], data)
+
+    # ------------------------------------------------------------------------------------------------- removal
+    def invalidate(self, sequence_hashes: Sequence[bytes], corrupt: bool = False) -> int:
+        """Drop registered blocks from the index now (held ones are freed at their last release)."""
+        with self._lock:
+            dropped: list[tuple[bytes, int]] = []
+            for h in sequence_hashes:
+                slot = self._by_hash.pop(h, None)
+                if slot is None:
+                    continue
+                self.policy.remove(h)
+                dropped.append((h, slot))
+                if self._refs[slot] == 0 and self._pins[slot] == 0:
+                    self._state[slot] = _FREE
+                    self._slot_hash[slot] = None
+                    self._free.append(slot)
+                else:
+                    self._state[slot] = _DOOMED
+            if corrupt:
+                self.metrics.corrupt += len(dropped)
+            if dropped:
+                self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
+                self._room.notify_all()
+            return len(dropped)
+
+    def reset(self) -> None:
+        """Drop every cached block; refuses (InvalidBlockError, nothing changed) while any block is held."""
+        self._check_open()
+        with self._lock:
+            self._drain_pending()
+            held = [i for i in range(self._n) if self._state[i] != _FREE and (self._refs[i] or self._pins[i]
+                                                                                 or self._state[i] == _MUTABLE)]
+            if held:
+                raise InvalidBlockError(f"cannot reset the {self.tier} pool: {len(held)} blocks are held or pinned")
+            dropped = [(h, s) for h, s in self._by_hash.items()]
+            self._by_hash.clear()
+            self.policy.clear()
+            for _, slot in dropped:
+                self._state[slot] = _FREE
+                self._slot_hash[slot] = None
+            self._free = list(range(self._n - 1, -1, -1))
+            if dropped:
+                self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
+            self._room.notify_all()
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    def _restore(self, entries: Iterable[tuple[bytes, int]]) -> None:
+        """Rebuild the index from stored ``(hash, slot)`` rows, oldest first (disk tier at open)."""
+        with self._lock:
+            used = set()
+            for h, slot in entries:
+                if not 0 <= slot < self._n or slot in used or h in self._by_hash:
+                    continue
+                used.add(slot)
+                self._by_hash[h] = slot
+                self._slot_hash[slot] = h
+                self._state[slot] = _REGISTERED
+                self.policy.insert(h, True)
+            self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]
+
+    def _validate_hashes(self, hashes: Sequence[bytes], argument: str) -> list[bytes]:
+        if isinstance(hashes, (bytes, bytearray, str)) or not isinstance(hashes, Sequence):
+            raise ValueError(f"{argument}: expected a sequence of hashes, got {type(hashes).__name__}")
+        n = self.hash_length
+        out = list(hashes)
+        for i, h in enumerate(out):
+            if type(h) is not bytes:
+                if isinstance(h, (bytearray, memoryview)):
+                    h = out[i] = bytes(h)
+                else:
+                    raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
+            if len(h) != n:
+                raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {len(h)}")
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed():
+            from .errors import ShutdownError
+
+            raise ShutdownError(f"the {self.tier} pool's manager is closed")
+
+    def __repr__(self) -> str:
+        return f"BlockPool({self.tier}, {self._n} blocks, {len(self._by_hash)} cached)"

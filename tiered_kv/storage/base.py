@@ -1,0 +1,62 @@
+"""The interface a block pool uses to reach its bytes.
+
+Storage knows slots and bytes, never hashes' eviction order. The pool calls it outside of its own bookkeeping
+lock whenever the call may do I/O.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ModelConfig
+
+__all__ = ["BlockStorage"]
+
+
+class BlockStorage(ABC):
+    """Bytes of ``num_blocks`` slots, each one block of ``model.block_shape``."""
+
+    tier: str
+    model: ModelConfig
+    num_blocks: int
+    device: torch.device
+    #: True when data is only reachable through I/O (the disk tier): the pool then stages mutable blocks.
+    persistent: bool = False
+
+    @abstractmethod
+    def mutable_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
+        """A writable ``[page_size, inner_dim]`` tensor for a block being filled."""
+
+    @abstractmethod
+    def read_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
+        """A ``[page_size, inner_dim]`` tensor with a registered block's data that callers may not write through."""
+
+    @abstractmethod
+    def gather(self, slots: Sequence[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Copy many blocks out in one call.
+
+        Returns:
+            ``([n, layers, outer, page, inner] tensor, indices of blocks that failed verification)``.
+        """
+
+    @abstractmethod
+    def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
+        """Copy ``data`` (``[n, layers, outer, page, inner]``) into many slots in one call."""
+
+    def commit(self, slots: Sequence[int], hashes: Sequence[bytes]) -> None:  # noqa: B027 - optional hook
+        """Make freshly registered blocks durable (disk); memory tiers have nothing to do."""
+
+    def discard(self, slots: Sequence[int], hashes: Sequence[bytes]) -> None:  # noqa: B027 - optional hook
+        """Forget registered blocks before their slots are reused (disk: delete their registry rows)."""
+
+    def touch(self, hashes: Sequence[bytes]) -> None:  # noqa: B027 - optional hook
+        """Record hits on registered blocks (disk: last access time and hit count in the registry)."""
+
+    def drop_stage(self, slot: int) -> None:  # noqa: B027 - optional hook
+        """A mutable block was freed without being registered."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files and memory."""

@@ -1,0 +1,109 @@
+"""Tensor arenas for the device and host tiers.
+
+One preallocated arena per tier. ``fully_contiguous`` is a single tensor ``[blocks, layers, outer, page, inner]``
+(one block is one contiguous range of bytes, so a block moves with one copy); ``layer_separate`` is one tensor
+``[blocks, outer, page, inner]`` per layer (the shape attention kernels that index per layer want). Gather and
+scatter move many blocks per call with ``index_select`` / ``index_copy_`` on whole tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ModelConfig
+from .base import BlockStorage
+
+__all__ = ["TensorArena"]
+
+
+class TensorArena(BlockStorage):
+    """The preallocated memory of one tier.
+
+    Args:
+        tier: "device" or "host".
+        model: block geometry.
+        num_blocks: slots.
+        layout: "fully_contiguous" or "layer_separate".
+        device: torch device of the arena.
+        pin_memory: allocate in page-locked host memory (host tier with CUDA).
+    """
+
+    def __init__(
+        self,
+        tier: str,
+        model: ModelConfig,
+        num_blocks: int,
+        layout: str,
+        device: torch.device | str,
+        pin_memory: bool = False,
+    ) -> None:
+        self.tier = tier
+        self.model = model
+        self.num_blocks = num_blocks
+        self.layout = layout
+        self.device = torch.device(device)
+        self.pinned = pin_memory
+        L, O, P, I = model.block_shape  # noqa: E741
+        dtype = model.torch_dtype
+        if layout == "fully_contiguous":
+            self._whole: torch.Tensor | None = torch.zeros(
+                (num_blocks, L, O, P, I), dtype=dtype, device=self.device, pin_memory=pin_memory
+            )
+            self._layers = [self._whole[:, layer] for layer in range(L)]
+        else:
+            self._whole = None
+            self._layers = [
+                torch.zeros((num_blocks, O, P, I), dtype=dtype, device=self.device, pin_memory=pin_memory)
+                for _ in range(L)
+            ]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arena."""
+        return self.num_blocks * self.model.block_size_bytes
+
+    def layer_tensor(self, layer: int) -> torch.Tensor:
+        """``[blocks, outer, page, inner]`` view of one layer for every slot (what attention kernels index)."""
+        return self._layers[layer]
+
+    def mutable_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
+        return self._layers[layer][slot, outer]
+
+    def read_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
+        # torch has no read-only tensors; a copy keeps shared, registered data immutable.
+        return self._layers[layer][slot, outer].clone()
+
+    def _index(self, slots: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
+
+    def gather(self, slots: Sequence[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        idx = self._index(slots)
+        if self._whole is not None:
+            if out is not None and out.device == self.device:
+                torch.index_select(self._whole, 0, idx, out=out)
+                return out, []
+            data = self._whole.index_select(0, idx)
+        else:
+            data = torch.stack([t.index_select(0, idx) for t in self._layers], dim=1)
+        if out is not None:
+            out.copy_(data)
+            return out, []
+        return data, []
+
+    def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
+        expected = (len(slots), *self.model.block_shape)
+        if tuple(data.shape) != expected or data.dtype != self.model.torch_dtype:
+            raise ValueError(
+                f"data: expected shape {expected} and dtype {self.model.torch_dtype}, "
+                f"got {tuple(data.shape)} and {data.dtype}"
+            )
+        idx = self._index(slots)
+        if data.device != self.device:
+            data = data.to(self.device, non_blocking=self.pinned or data.is_pinned())
+        if self._whole is not None:
+            self._whole.index_copy_(0, idx, data)
+        else:
+            for layer, t in enumerate(self._layers):
+                t.index_copy_(0, idx, data[:, layer])

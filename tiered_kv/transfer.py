@@ -1,0 +1,67 @@
+"""The one path that moves block bytes between tiers.
+
+Every copy between pools (promotion on match, demotion on eviction, explicit swaps) goes through
+:func:`copy_between`: one gather on the source storage and one scatter on the destination per call, whatever the
+number of blocks. With CUDA, device<->host copies are issued on a dedicated stream and synchronised with an
+event before the destination block is registered, so a block is never matchable before its bytes have landed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from .blocks import ImmutableBlock, MutableBlock
+from .pool import BlockPool
+
+__all__ = ["copy_between", "TransferStreams"]
+
+
+class TransferStreams:
+    """A dedicated CUDA stream per thread for tier copies (absent on CPU-only machines)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.enabled = device_type == "cuda" and torch.cuda.is_available()
+        self._local = threading.local()
+
+    def stream(self) -> torch.cuda.Stream | None:
+        """This thread's copy stream, created on first use."""
+        if not self.enabled:
+            return None
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            s = self._local.stream = torch.cuda.Stream()
+        return s
+
+
+def copy_between(
+    src_pool: BlockPool,
+    src: Sequence[ImmutableBlock | MutableBlock],
+    dst_pool: BlockPool,
+    dst: Sequence[MutableBlock],
+    streams: TransferStreams | None = None,
+) -> list[int]:
+    """Copy the bytes of ``src`` blocks into ``dst`` blocks, one gather and one scatter.
+
+    Returns:
+        Indices of source blocks whose data failed verification (disk checksum); their destination blocks hold
+        garbage and must not be registered. The source pool has already dropped them.
+    """
+    if len(src) != len(dst):
+        raise ValueError(f"src and dst differ in length: {len(src)} != {len(dst)}")
+    if not src:
+        return []
+    stream = streams.stream() if streams is not None else None
+    if stream is None:
+        data, bad = src_pool.gather(src)
+        dst_pool.scatter(dst, data)
+        return bad
+    with torch.cuda.stream(stream):
+        data, bad = src_pool.gather(src)
+        dst_pool.scatter(dst, data)
+        event = torch.cuda.Event()
+        event.record(stream)
+    event.synchronize()
+    return bad
