@@ -1,0 +1,97 @@
+"""The I/O backend interface of the disk tier.
+
+A backend moves bytes between memory buffers and a fixed set of already-sized data files. It knows
+nothing about slots, checksums or the registry: :class:`~tiered_kv.storage.disk.store.DiskStore` maps
+slots to ``(file_index, offset)`` pairs and hands the backend whole batches, so a backend can run the
+I/O of one batch in parallel.
+
+Buffers are 1-D contiguous ``torch.uint8`` tensors. A backend with ``accepts_cuda`` takes CUDA tensors
+too; others only CPU tensors. Offsets handed to a backend are multiples of :data:`SLOT_ALIGNMENT` and
+the store guarantees ``offset + round_up(len(buffer), SLOT_ALIGNMENT)`` stays inside the slot, so a
+backend that needs aligned lengths (O_DIRECT) may pad a transfer up to the alignment.
+
+Errors: backends raise (or return) plain :class:`OSError` with a meaningful ``errno``; the store
+translates them at its boundary (ENOSPC -> ``DiskFullError``, anything else -> ``DiskTierError``).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["SLOT_ALIGNMENT", "DiskBackend", "IoOp", "round_up"]
+
+#: Slots start and end on this boundary: the O_DIRECT and GPUDirect Storage unit.
+SLOT_ALIGNMENT = 4096
+
+
+def round_up(n: int, align: int = SLOT_ALIGNMENT) -> int:
+    """Round ``n`` up to a multiple of ``align``."""
+    return (n + align - 1) // align * align
+
+
+class IoOp(NamedTuple):
+    """One block transfer: ``buffer`` to/from ``offset`` bytes into data file ``file_index``."""
+
+    file_index: int
+    offset: int
+    buffer: torch.Tensor
+
+
+class DiskBackend(ABC):
+    """Reads and writes byte ranges of a fixed list of data files, many at a time.
+
+    Lifecycle: construct, :meth:`open` once, any number of :meth:`pwrite_blocks` / :meth:`pread_blocks` /
+    :meth:`sync` calls (from several threads at once), :meth:`close` (idempotent).
+
+    Capability flags (class or instance attributes):
+        name: short name reported in ``DiskStore.backend_name`` and stats.
+        accepts_cuda: buffers may be CUDA tensors (no staging copy through host memory).
+        direct_io: the page cache is bypassed (O_DIRECT or GPUDirect Storage); set after :meth:`open`.
+    """
+
+    name: str = "abstract"
+    accepts_cuda: bool = False
+    direct_io: bool = False
+
+    @abstractmethod
+    def open(self, paths: Sequence[str | os.PathLike[str]], *, readonly: bool) -> None:
+        """Open the data files (they exist and are already sized by the store).
+
+        Raises:
+            OSError: a file cannot be opened.
+        """
+
+    @abstractmethod
+    def pwrite_blocks(self, ops: Sequence[IoOp]) -> None:
+        """Write every op's buffer at its offset; returns when all writes have finished.
+
+        Every op is attempted (and has finished) before this returns or raises, so the caller may
+        reuse the buffers and slots afterwards either way.
+
+        Raises:
+            OSError: at least one write failed (the first error; the others are logged).
+        """
+
+    @abstractmethod
+    def pread_blocks(self, ops: Sequence[IoOp]) -> list[OSError | None]:
+        """Fill every op's buffer from its offset; returns one result per op (None = read OK).
+
+        A failing read does not stop the others; its buffer content is undefined.
+        """
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make every completed write durable (``fdatasync`` of the files written since the last sync).
+
+        Raises:
+            OSError: the sync failed (the data written since the last sync may be lost).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files and threads; idempotent. Does not sync (the store syncs first)."""

@@ -1,0 +1,941 @@
+"""DiskStore: block bytes in preallocated files, an LMDB registry, crash safety. No eviction policy.
+
+The block pool above owns slot allocation and eviction decisions; this module owns the bytes on disk,
+the registry and the ordering that makes a ``kill -9`` (or a power cut, see *durability*) safe.
+
+On-disk layout of a tier directory ``PATH``::
+
+    PATH/
+      writer.lock           flock(LOCK_EX) of the one writer process; holds "pid=N host=H"
+      data-000.bin ...      NSHARDS preallocated (posix_fallocate) data files
+      data-007.bin
+      registry/             LMDB environment: "blocks" (hash -> row) and "meta" databases
+
+Slots: ``stride = round_up(block_size_bytes, 4096)``. Slot ``i`` lives in shard ``i % NSHARDS`` at byte
+offset ``(i // NSHARDS) * stride``. Shard ``k`` of a tier of capacity ``C`` holds
+``ceil((C - k) / NSHARDS)`` slots and is exactly that many strides long. Sharding spreads a batch over
+several inodes, so first writes into unwritten (fallocated) extents, which take the inode lock for the
+extent conversion, still run in parallel. The shard count is fixed when the tier is created and stored
+in the meta record.
+
+Crash ordering (the rules every method below follows; comments at each site say which one):
+
+1. Write: data bytes are written to free slots first, then all the batch's rows are committed in ONE
+   LMDB write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and
+   the commit itself is synced, so a row on disk always points at durable data.
+2. Delete: the row deletions commit before ``delete()`` returns; only then may the caller reuse the
+   slots. A slot is never written while a committed row points at it.
+3. ``durability="batch"``: commits do not fsync (LMDB ``sync=False, metasync=False``); a background
+   thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``, so the rows it makes
+   durable point at synced data. But the OS may write LMDB pages back on its own before our data sync
+   (and a batch may commit between the two syncs), so after a power cut a durable row can point at a
+   slot whose new bytes never reached the disk. The xxh3-64 checksum in the row catches exactly that:
+   reads verify every block and drop rows that fail, so torn or stale bytes are never served as good.
+   A process crash (``kill -9``) loses nothing committed: the page cache survives it.
+   Caveat: LMDB itself documents that ``MDB_NOSYNC`` may corrupt the environment on an OS crash or
+   power loss inside the unsynced window; use ``durability="sync"`` where that matters.
+4. ``durability="none"``: like batch without the background data sync; ``flush()``/``close()`` sync.
+5. Two rows claiming one slot (possible only after a power cut in batch/none mode undid a delete but
+   kept a later write): the newer row wins at open, the other is dropped.
+6. Capacity changes at open: growing fallocates the files before the meta record says so; shrinking
+   drops the least recently used excess rows (commit), copies survivors from high slots to free low
+   slots (data synced), commits their new slots together with the new capacity in one transaction,
+   and only then truncates the files. A crash at any point leaves rows pointing at intact data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from ...config import HASH_ALGORITHMS, DiskConfig, ModelConfig
+from ...errors import ConfigError, CorruptBlockError, DiskFullError, DiskTierError, LayoutMismatchError
+from ._kvikio import KvikioBackend, kvikio_unavailable_reason
+from ._posix import PosixBackend, aligned_empty
+from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
+from .registry import Registry, Row, gc_paused
+
+__all__ = ["FORMAT_VERSION", "DiskStore", "Entry", "read_tier_meta"]
+
+logger = logging.getLogger("tiered_kv.disk")
+
+#: On-disk format version written into the meta record; an unknown version is refused.
+FORMAT_VERSION = 1
+_LAYOUT_KIND = "sharded"
+_NSHARDS = 8
+_FILE_PATTERN = "data-{:03d}.bin"
+_LOCK_FILE = "writer.lock"
+_HASH_LEN = {"sha256": 32, "xxh3_128": 16}
+_SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at least every second"
+_MIN_MAP_SIZE = 1 << 30
+_MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
+_IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
+
+# Row field positions (see registry.Row).
+_SLOT, _CSUM, _SIZE, _CREATED, _ACCESS, _HITS = range(6)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One live block of the disk tier, as recorded in its registry row."""
+
+    hash: bytes
+    slot: int
+    checksum: int
+    size: int
+    created: float
+    last_access: float
+    hits: int
+
+
+def _entry(key: bytes, row: Row) -> Entry:
+    return Entry(key, row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _checksum(buf: torch.Tensor) -> int:
+    return xxhash.xxh3_64_intdigest(buf.numpy().data)
+
+
+def read_tier_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The meta record of the tier at ``path`` (read-only; for tools that do not know the model yet).
+
+    Raises:
+        DiskTierError: there is no initialised tier at ``path``.
+    """
+    reg = Registry(path, readonly=True, map_size=0, sync=False)
+    try:
+        meta = reg.read_meta()
+    finally:
+        reg.close()
+    if meta is None:
+        raise DiskTierError(f"disk tier at {os.fspath(path)} is not initialised (no meta record)")
+    return meta
+
+
+# LMDB allows one environment handle per path per process, so a second DiskStore on the same tier in this
+# process (writer or reader) is refused here with a clear message instead of LMDB's.
+_OPEN_HERE: dict[str, str] = {}
+_OPEN_HERE_LOCK = threading.Lock()
+
+
+def _shard_slots(shard: int, capacity: int, nshards: int) -> int:
+    return max(0, (capacity - shard + nshards - 1) // nshards)
+
+
+class _WriterLock:
+    """``flock`` on ``PATH/writer.lock``: one writer process per tier; the holder's pid and host inside."""
+
+    def __init__(self, root: str) -> None:
+        path = os.path.join(root, _LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DiskTierError(f"disk tier {root} is already open for writing by {holder}") from exc
+            raise DiskTierError(f"cannot lock disk tier {root}: {exc}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the last fd of the open file description drops the flock
+
+
+def _os_error(exc: OSError, what: str) -> DiskTierError:
+    """The public error for an OS error (ENOSPC/EDQUOT -> DiskFullError)."""
+    text = f"{what}: [errno {exc.errno}] {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(text)
+    return DiskTierError(text)
+
+
+class DiskStore:
+    """Block bytes on disk plus their registry rows, safe against crashes.
+
+    Args:
+        config: path, capacity (``num_blocks``), backend and durability.
+        model: block geometry and dtype; its fingerprint is recorded and checked on reopen.
+        hash_algorithm: name of the sequence-hash algorithm ("sha256" or "xxh3_128"); recorded and checked.
+        namespace: model name/revision; recorded and checked.
+        readonly: open without the writer lock and never write (reads alongside a live writer).
+        backend: an already-built backend to use instead of the one ``config.backend`` names (e.g. a
+            :class:`~tiered_kv.storage.disk.faults.FaultInjectingBackend`).
+
+    Raises:
+        ConfigError: ``hash_algorithm``/``namespace`` invalid, or ``backend="kvikio"`` cannot work here.
+        LayoutMismatchError: the tier was created for another fingerprint, hash algorithm or namespace
+            (checked before anything is written).
+        DiskTierError: another process holds the writer lock, unknown format version, I/O or LMDB failure.
+        DiskFullError: the files cannot be preallocated.
+
+    Thread safety: every method may be called from several threads at once.
+    """
+
+    def __init__(
+        self,
+        config: DiskConfig,
+        model: ModelConfig,
+        *,
+        hash_algorithm: str,
+        namespace: str,
+        readonly: bool = False,
+        backend: DiskBackend | None = None,
+    ) -> None:
+        if hash_algorithm not in HASH_ALGORITHMS:
+            raise ConfigError("hash_algorithm", hash_algorithm, f"must be one of {', '.join(HASH_ALGORITHMS)}")
+        if not isinstance(namespace, str) or not namespace:
+            raise ConfigError("namespace", namespace, "must be a non-empty str")
+        self.root = os.path.abspath(os.fspath(config.path))
+        self.config = config
+        self.model = model
+        self.hash_algorithm = hash_algorithm
+        self.namespace = namespace
+        self.readonly = readonly
+        self.durability = config.durability
+        self.block_size = model.block_size_bytes
+        self.corrupt_count = 0
+
+        self._lock = threading.Lock()  # in-memory maps; never held across I/O or commits
+        self._commit_lock = threading.Lock()  # serialises registry write transactions and their map updates
+        self._rows: dict[bytes, Row] = {}
+        self._by_slot: dict[int, bytes] = {}
+        self._inflight: set[int] = set()  # slots being written by an uncommitted batch
+        self._pending_touch: set[bytes] = set()
+        self._data_dirty = False  # data written since the batch syncer last ran
+        self._closed = False
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self._writer_lock: _WriterLock | None = None
+        self._registry: Registry | None = None
+        self._backend_opened = False
+        self._registered_here = False
+        self.last_sync_error: DiskTierError | None = None
+
+        self.backend = backend if backend is not None else self._make_backend(config.backend)
+        try:
+            self._open()
+        except BaseException:
+            self._teardown()
+            raise
+
+    # -- opening ----------------------------------------------------------------------------------
+    @staticmethod
+    def _make_backend(name: str) -> DiskBackend:
+        if name == "posix":
+            return PosixBackend()
+        reason = kvikio_unavailable_reason()
+        if name == "kvikio":
+            if reason is not None:
+                raise ConfigError("backend", name, f"the kvikio backend cannot work here: {reason}")
+            return KvikioBackend()
+        if reason is None:  # auto
+            return KvikioBackend()
+        logger.info("disk backend auto -> posix (%s)", reason)
+        return PosixBackend()
+
+    def _expected_meta(self, capacity: int) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.model.fingerprint(),
+            "hash_algorithm": self.hash_algorithm,
+            "namespace": self.namespace,
+            "capacity": capacity,
+            "block_size": self.block_size,
+            "slot_stride": round_up(self.block_size, SLOT_ALIGNMENT),
+            "layout": {"kind": _LAYOUT_KIND, "nshards": _NSHARDS, "file_pattern": _FILE_PATTERN},
+            "model": asdict(self.model),
+            "created": time.time(),
+        }
+
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        """Refuse a tier made by another format/model/algorithm/namespace. Writes nothing."""
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DiskTierError(
+                f"disk tier {self.root} has format version {version!r}; this tiered_kv reads version {FORMAT_VERSION}"
+            )
+        mine = {
+            "fingerprint": self.model.fingerprint(),
+            "hash_algorithm": self.hash_algorithm,
+            "namespace": self.namespace,
+        }
+        diffs = [f"{k} {meta.get(k)!r} (tier) != {v!r} (opener)" for k, v in mine.items() if meta.get(k) != v]
+        if diffs:
+            raise LayoutMismatchError(f"disk tier {self.root} was made for another layout: " + "; ".join(diffs))
+        layout = meta.get("layout") or {}
+        if layout.get("kind") != _LAYOUT_KIND or not isinstance(layout.get("nshards"), int):
+            raise DiskTierError(f"disk tier {self.root} has an unknown file layout {layout!r}")
+
+    def _open(self) -> None:
+        with _OPEN_HERE_LOCK:
+            mode = _OPEN_HERE.get(self.root)
+            if mode is not None:
+                raise DiskTierError(
+                    f"disk tier {self.root} is already open in this process (pid={os.getpid()}, {mode}); "
+                    "LMDB allows one handle per process: share that DiskStore"
+                )
+            _OPEN_HERE[self.root] = "read-only" if self.readonly else "writer"
+        self._registered_here = True
+        exists = Registry.exists(self.root)
+        if exists:
+            # Check the meta record through a read-only environment BEFORE taking the writer lock or
+            # opening for writing: a mismatched opener must change nothing on disk.
+            self._check_meta(read_tier_meta(self.root))
+        elif self.readonly:
+            raise DiskTierError(f"no disk tier at {self.root}")
+
+        if self.readonly:
+            self._registry = Registry(self.root, readonly=True, map_size=0, sync=False)
+            meta = self._registry.read_meta()
+            if meta is None:
+                raise DiskTierError(f"disk tier at {self.root} is not initialised (no meta record)")
+            self._check_meta(meta)
+            self._apply_meta(meta)
+            self._rows = self._registry.load_rows()
+            self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
+            self.backend.open(self._paths(), readonly=True)
+            self._backend_opened = True
+            return
+
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, f"creating {self.root}") from exc
+        self._writer_lock = _WriterLock(self.root)
+        want = self.config.num_blocks
+        map_size = max(_MIN_MAP_SIZE, want * _MAP_BYTES_PER_BLOCK)
+        self._registry = Registry(self.root, readonly=False, map_size=map_size, sync=self.durability == "sync")
+        meta = self._registry.read_meta()
+        if meta is None:
+            # Fresh tier. Files first, meta last: a crash before the meta commit leaves a tier that the
+            # next open treats as fresh again (files are re-sized, nothing points into them).
+            meta = self._expected_meta(want)
+            self._apply_meta(meta)
+            self._size_files(want)
+            self._registry.commit(meta=meta)
+            self._registry.sync()
+            self.backend.open(self._paths(), readonly=False)
+            self._backend_opened = True
+        else:
+            self._check_meta(meta)
+            self._apply_meta(meta)
+            old = int(meta["capacity"])
+            self._rows = self._registry.load_rows()
+            self._reconcile()
+            # Grow first (and keep the old files whole until a shrink has moved the survivors).
+            self._size_files(max(old, want), shrink=False)
+            self.backend.open(self._paths(), readonly=False)
+            self._backend_opened = True
+            if want > old:
+                meta = {**meta, "capacity": want}
+                self._registry.commit(meta=meta)  # after the files were grown (rule 6)
+                self._registry.sync()
+            elif want < old or any(row[_SLOT] >= want for row in self._rows.values()):
+                self._shrink(meta, want)
+            self._size_files(want)  # exact sizes (also finishes a shrink interrupted after its commit)
+            self.capacity_ = want
+        self._syncer = threading.Thread(target=self._sync_loop, name="tiered-kv-disk-sync", daemon=True)
+        self._syncer.start()
+        logger.info(
+            "disk tier %s open for writing: %d/%d blocks used, backend %s, durability %s",
+            self.root,
+            len(self._rows),
+            self.capacity_,
+            self.backend_name,
+            self.durability,
+        )
+
+    def _apply_meta(self, meta: dict[str, Any]) -> None:
+        self.capacity_ = int(meta["capacity"])
+        self.stride = int(meta["slot_stride"])
+        self.nshards = int(meta["layout"]["nshards"])
+        self._file_pattern = str(meta["layout"]["file_pattern"])
+        self._meta = meta
+        if self.stride < self.block_size:
+            raise DiskTierError(f"disk tier {self.root}: slot stride {self.stride} < block size {self.block_size}")
+
+    def _paths(self) -> list[str]:
+        return [os.path.join(self.root, self._file_pattern.format(k)) for k in range(self.nshards)]
+
+    def _size_files(self, capacity: int, *, shrink: bool = True) -> None:
+        """Make every shard exactly (or, with shrink=False, at least) the size ``capacity`` needs; synced."""
+        try:
+            for k, path in enumerate(self._paths()):
+                want = _shard_slots(k, capacity, self.nshards) * self.stride
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size < want:
+                        os.posix_fallocate(fd, 0, want)
+                    elif size > want and shrink:
+                        os.ftruncate(fd, want)
+                    else:
+                        continue
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)  # the new file names themselves must survive a crash
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise _os_error(exc, f"sizing the data files of {self.root} for {capacity} blocks") from exc
+
+    def _reconcile(self) -> None:
+        """Drop malformed rows and all but the newest row of any slot (rule 5)."""
+        assert self._registry is not None
+        bad: list[bytes] = []
+        by_slot: dict[int, bytes] = {}
+        for key, row in self._rows.items():
+            if not isinstance(row, list) or len(row) != 6 or not isinstance(row[_SLOT], int) or row[_SLOT] < 0:
+                bad.append(key)
+                continue
+            other = by_slot.get(row[_SLOT])
+            if other is not None:
+                loser = key if self._rows[other][_CREATED] >= row[_CREATED] else other
+                bad.append(loser)
+                if loser == other:
+                    by_slot[row[_SLOT]] = key
+            else:
+                by_slot[row[_SLOT]] = key
+        if bad:
+            logger.warning("disk tier %s: dropping %d malformed or slot-conflicting rows", self.root, len(bad))
+            self._registry.commit(deletes=bad)
+            self._registry.sync()
+            for key in bad:
+                self._rows.pop(key, None)
+        self._by_slot = by_slot
+
+    def _shrink(self, meta: dict[str, Any], capacity: int) -> None:
+        """Keep the most recently used rows that fit in ``capacity`` slots (rule 6)."""
+        assert self._registry is not None
+        ranked = sorted(self._rows.items(), key=lambda kv: kv[1][_ACCESS], reverse=True)
+        keep, drop = ranked[:capacity], [key for key, _ in ranked[capacity:]]
+        if drop:
+            # Dropped rows go first, durably: their low slots become targets of the copies below.
+            self._registry.commit(deletes=drop)
+            self._registry.sync()
+            for key in drop:
+                self._rows.pop(key)
+        used_low = {row[_SLOT] for _, row in keep if row[_SLOT] < capacity}
+        free_low = (s for s in range(capacity) if s not in used_low)
+        movers = [(key, row, next(free_low)) for key, row in keep if row[_SLOT] >= capacity]
+        moved: dict[bytes, Row] = {}
+        lost: list[bytes] = []
+        per = max(1, _IO_BATCH_BYTES // self.stride)
+        for start in range(0, len(movers), per):
+            batch = movers[start : start + per]
+            buf = aligned_empty(len(batch) * self.block_size).view(len(batch), self.block_size)
+            results = self.backend.pread_blocks([self._op(row[_SLOT], buf[i]) for i, (_, row, _) in enumerate(batch)])
+            good = []
+            for i, (key, row, new_slot) in enumerate(batch):
+                if results[i] is None and _checksum(buf[i]) == row[_CSUM]:
+                    good.append(i)
+                    moved[key] = [new_slot, *row[1:]]
+                else:
+                    lost.append(key)
+            try:
+                self.backend.pwrite_blocks([self._op(batch[i][2], buf[i]) for i in good])
+            except OSError as exc:
+                raise _os_error(exc, f"moving blocks while shrinking {self.root}") from exc
+        try:
+            self.backend.sync()  # copies durable before any row points at them (rule 1)
+        except OSError as exc:
+            raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
+        if lost:
+            self.corrupt_count += len(lost)
+            logger.warning("disk tier %s: %d blocks failed their checksum while shrinking", self.root, len(lost))
+        self._registry.commit(puts=moved, deletes=lost, meta={**meta, "capacity": capacity})
+        self._registry.sync()
+        for key in lost:
+            self._rows.pop(key)
+        self._rows.update(moved)
+        self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
+        logger.info(
+            "disk tier %s shrunk to %d blocks: %d dropped, %d moved, %d corrupt",
+            self.root,
+            capacity,
+            len(drop),
+            len(moved),
+            len(lost),
+        )
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Number of slots (``config.num_blocks`` for a writer, the recorded capacity when read-only)."""
+        return self.capacity_
+
+    @property
+    def backend_name(self) -> str:
+        """Backend name: "posix", "kvikio" or a wrapper's name such as "faults(posix)"."""
+        return self.backend.name
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _op(self, slot: int, buf: torch.Tensor) -> IoOp:
+        return IoOp(slot % self.nshards, (slot // self.nshards) * self.stride, buf)
+
+    def _check_open(self, write: bool = False) -> Registry:
+        if self._closed or self._registry is None:
+            raise DiskTierError(f"disk tier {self.root} is closed")
+        if write and self.readonly:
+            raise DiskTierError(f"disk tier {self.root} is open read-only")
+        return self._registry
+
+    def _check_hash(self, key: object) -> bytes:
+        if not isinstance(key, bytes):
+            raise DiskTierError(f"a sequence hash must be bytes, got {type(key).__name__}")
+        want = _HASH_LEN[self.hash_algorithm]
+        if len(key) != want:
+            raise DiskTierError(f"a {self.hash_algorithm} sequence hash has {want} bytes, got {len(key)}")
+        return bytes(key)
+
+    def _check_tensor(self, t: torch.Tensor, n: int, what: str) -> None:
+        shape = (n, *self.model.block_shape)
+        if tuple(t.shape) != shape or t.dtype != self.model.torch_dtype:
+            raise DiskTierError(
+                f"{what} must be {self.model.dtype} shaped {list(shape)}, got {t.dtype} {list(t.shape)}"
+            )
+        if t.is_cuda and not self.backend.accepts_cuda and what == "out":
+            raise DiskTierError(f"backend {self.backend_name} cannot read into CUDA memory; pass a CPU tensor")
+
+    def _commit(self, puts: dict[bytes, Row] | None = None, deletes: Sequence[bytes] = ()) -> None:
+        """One registry transaction carrying ``puts``, ``deletes`` and every pending touch.
+
+        Caller holds ``_commit_lock``.
+        """
+        assert self._registry is not None
+        with self._lock:
+            touched, self._pending_touch = self._pending_touch, set()
+            dropped = set(deletes)
+            touch_rows = {k: list(self._rows[k]) for k in touched if k in self._rows and k not in dropped}
+        try:
+            self._registry.commit(puts={**touch_rows, **(puts or {})}, deletes=deletes)
+        except BaseException:
+            with self._lock:
+                self._pending_touch |= touched  # touches are retried with the next commit
+            raise
+
+    # -- writes -----------------------------------------------------------------------------------
+    def write_blocks(self, hashes: Sequence[bytes], slots: Sequence[int], data: torch.Tensor) -> None:
+        """Store ``data[i]`` under ``hashes[i]`` in free slot ``slots[i]``; all rows commit together.
+
+        Args:
+            hashes: sequence hashes, none of them already stored.
+            slots: free slots (no live row), distinct, in ``[0, capacity)``.
+            data: ``[n, num_layers, outer_dim, page_size, inner_dim]`` in the model dtype; CPU, or CUDA for a
+                backend that accepts CUDA buffers (others stage it through host memory).
+
+        Raises:
+            DiskFullError: ENOSPC, or the registry map is full. No row of this batch is committed.
+            DiskTierError: any other I/O or registry failure (no row committed), or bad arguments.
+        """
+        self._check_open(write=True)
+        n = len(hashes)
+        if len(slots) != n:
+            raise DiskTierError(f"{n} hashes but {len(slots)} slots")
+        self._check_tensor(data, n, "data")
+        if n == 0:
+            return
+        keys = [self._check_hash(h) for h in hashes]
+        slot_list = [int(s) for s in slots]
+        if len(set(keys)) != n or len(set(slot_list)) != n:
+            raise DiskTierError("hashes and slots of one write batch must be distinct")
+        if data.is_cuda and not self.backend.accepts_cuda:
+            data = data.cpu()
+        flat = data.contiguous().view(torch.uint8).reshape(n, self.block_size)
+        host = flat if flat.device.type == "cpu" else flat.cpu()
+        with self._lock:
+            for key, slot in zip(keys, slot_list, strict=True):
+                if not 0 <= slot < self.capacity_:
+                    raise DiskTierError(f"slot {slot} is outside the disk tier (capacity {self.capacity_})")
+                if slot in self._by_slot or slot in self._inflight:
+                    raise DiskTierError(f"slot {slot} is not free (it holds a live block or is being written)")
+                if key in self._rows:
+                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+            self._inflight.update(slot_list)
+        try:
+            # Checksums come from the caller's bytes, not from what reached the disk: a torn or corrupted
+            # write then fails verification on read instead of being blessed here.
+            checksums = [_checksum(host[i]) for i in range(n)]
+            try:
+                self.backend.pwrite_blocks([self._op(s, flat[i]) for i, s in enumerate(slot_list)])
+                if self.durability == "sync":
+                    self.backend.sync()  # rule 1: data durable before its row commits
+            except OSError as exc:
+                # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
+                raise _os_error(exc, f"writing {n} blocks to {self.root}") from exc
+            now = time.time()
+            rows = {k: [s, c, self.block_size, now, now, 0] for k, s, c in zip(keys, slot_list, checksums, strict=True)}
+            with self._commit_lock:
+                self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
+                with self._lock:
+                    self._rows.update(rows)
+                    for k, s in zip(keys, slot_list, strict=True):
+                        self._by_slot[s] = k
+            self._data_dirty = True
+        finally:
+            with self._lock:
+                self._inflight.difference_update(slot_list)
+
+    def delete(self, hashes: Sequence[bytes]) -> None:
+        """Drop the rows of ``hashes`` (unknown ones are ignored) in one committed transaction.
+
+        Only after this returns may the caller reuse their slots (rule 2).
+        """
+        self._check_open(write=True)
+        keys = [self._check_hash(h) for h in hashes]
+        with self._commit_lock:
+            with self._lock:
+                present = [k for k in dict.fromkeys(keys) if k in self._rows]
+            if not present:
+                return
+            self._commit(deletes=present)
+            with self._lock:
+                for k in present:
+                    row = self._rows.pop(k)
+                    self._by_slot.pop(row[_SLOT], None)
+
+    def touch(self, hashes: Sequence[bytes]) -> None:
+        """Refresh recency (last_access, hits) of stored blocks; buffered, committed within about a second."""
+        self._check_open()
+        now = time.time()
+        with self._lock:
+            for h in hashes:
+                row = self._rows.get(h)
+                if row is not None:
+                    row[_ACCESS] = now
+                    row[_HITS] += 1
+                    if not self.readonly:
+                        self._pending_touch.add(h)
+
+    # -- reads ------------------------------------------------------------------------------------
+    def _alloc(self, n: int) -> torch.Tensor:
+        raw = aligned_empty(n * self.block_size)
+        return raw.view(self.model.torch_dtype).reshape(n, *self.model.block_shape)
+
+    def _read_verify(self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor) -> list[int]:
+        """Read ``items`` into ``out`` and return the indices that failed (I/O error or checksum)."""
+        n = len(items)
+        flat = out.view(torch.uint8).reshape(n, self.block_size)
+        results = self.backend.pread_blocks([self._op(row[_SLOT], flat[i]) for i, (_, row) in enumerate(items)])
+        host = flat if flat.device.type == "cpu" else flat.cpu()
+        bad: list[int] = []
+        for i, (key, row) in enumerate(items):
+            err = results[i]
+            if err is not None:
+                logger.warning("%s", _os_error(err, f"reading block {key.hex()} (slot {row[_SLOT]})"))
+                bad.append(i)
+            elif _checksum(host[i]) != row[_CSUM]:
+                logger.warning(
+                    "%s",
+                    CorruptBlockError(f"block {key.hex()} in slot {row[_SLOT]} of {self.root} failed its checksum"),
+                )
+                bad.append(i)
+        return bad
+
+    def _confirm_readonly(self, items: Sequence[tuple[bytes, Row]]) -> list[bytes]:
+        """Read-only openers see a snapshot: a failure is real only if the row is unchanged and fails again."""
+        assert self._registry is not None
+        still: list[tuple[bytes, Row]] = []
+        for key, row in items:
+            fresh = self._registry.get(key)
+            if fresh is not None and fresh[_SLOT] == row[_SLOT] and fresh[_CSUM] == row[_CSUM]:
+                still.append((key, fresh))
+        if not still:
+            return []
+        again = self._read_verify(still, self._alloc(len(still)))
+        return [still[i][0] for i in again]
+
+    def _drop_corrupt(self, items: Sequence[tuple[bytes, Row]]) -> list[bytes]:
+        """Delete the rows of blocks that failed (if still unchanged); count them. Returns the hashes counted."""
+        if self.readonly:
+            confirmed = self._confirm_readonly(items)
+            with self._lock:
+                self.corrupt_count += len(confirmed)
+            return confirmed
+        with self._commit_lock:
+            with self._lock:
+                gone = [k for k, row in items if self._rows.get(k) is row]
+            if gone:
+                self._commit(deletes=gone)
+                with self._lock:
+                    for k in gone:
+                        row = self._rows.pop(k)
+                        self._by_slot.pop(row[_SLOT], None)
+                    self.corrupt_count += len(gone)
+        return gone
+
+    def read_blocks(self, slots: Sequence[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Read the blocks in ``slots`` and verify each against its row's checksum.
+
+        Args:
+            slots: slots holding live blocks.
+            out: destination ``[n, L, O, P, I]`` in the model dtype (CUDA only for a backend that accepts it);
+                a new 4 KiB-aligned CPU tensor when None.
+
+        Returns:
+            ``(out, bad)``: ``bad`` lists the indices whose block failed its checksum or could not be read.
+            Their rows have been deleted (slots free), they are counted in :attr:`corrupt_count`, and their
+            data in ``out`` must not be used.
+
+        Raises:
+            DiskTierError: a slot holds no live block, or the store is closed.
+        """
+        self._check_open()
+        n = len(slots)
+        with self._lock:
+            items: list[tuple[bytes, Row]] = []
+            for s in slots:
+                key = self._by_slot.get(int(s))
+                if key is None:
+                    raise DiskTierError(f"slot {s} of disk tier {self.root} holds no block")
+                items.append((key, self._rows[key]))
+        if out is None:
+            out = self._alloc(n)
+        else:
+            self._check_tensor(out, n, "out")
+            if not out.is_contiguous():
+                raise DiskTierError("out must be contiguous")
+        if n == 0:
+            return out, []
+        bad = self._read_verify(items, out)
+        if bad:
+            self._drop_corrupt([items[i] for i in bad])
+        return out, bad
+
+    # -- registry views -----------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read-only openers: reload the rows from the registry (see the writer's latest commits)."""
+        reg = self._check_open()
+        if not self.readonly:
+            return
+        rows = reg.load_rows()
+        with self._lock:
+            self._rows = rows
+            self._by_slot = {row[_SLOT]: key for key, row in rows.items()}
+
+    def entries(self) -> list[Entry]:
+        """All live blocks, least recently used first, ties by slot (to rebuild the pool's bookkeeping at open)."""
+        self.refresh()
+        with gc_paused():
+            with self._lock:
+                items = [(k, *r) for k, r in self._rows.items()]
+            # numpy's argsort on the access times: ~5x faster than sorting a million Python tuples.
+            # Ties (one batch shares a timestamp) are broken by slot so the order is the same after a reopen.
+            access = np.fromiter((it[5] for it in items), dtype=np.float64, count=len(items))
+            slots = np.fromiter((it[1] for it in items), dtype=np.int64, count=len(items))
+            order = np.lexsort((slots, access)).tolist()
+            return [Entry(*items[i]) for i in order]
+
+    def lookup(self, hash: bytes) -> Entry | None:
+        """The entry of ``hash``, or None. Read-only openers look in the registry's latest state."""
+        reg = self._check_open()
+        key = bytes(hash)
+        if self.readonly:
+            row = reg.get(key)
+            if row is not None:
+                with self._lock:
+                    old = self._rows.get(key)
+                    if old is not None:
+                        self._by_slot.pop(old[_SLOT], None)
+                    self._rows[key] = row
+                    self._by_slot[row[_SLOT]] = key
+            return None if row is None else _entry(key, row)
+        with self._lock:
+            row = self._rows.get(key)
+            return None if row is None else _entry(key, list(row))
+
+    def block_location(self, hash: bytes) -> tuple[str, int, int] | None:
+        """``(file path relative to the tier directory, byte offset, size in bytes)`` of a block, or None."""
+        entry = self.lookup(hash)
+        if entry is None:
+            return None
+        op = self._op(entry.slot, torch.empty(0, dtype=torch.uint8))
+        return self._file_pattern.format(op.file_index), op.offset, entry.size
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the tier for tools: layout, identity, usage and counters."""
+        reg = self._check_open()
+        with self._lock:
+            used = len(self._rows)
+            access = [r[_ACCESS] for r in self._rows.values()]
+        files = [os.path.basename(p) for p in self._paths()]
+        data_bytes = 0
+        for p in self._paths():
+            with contextlib.suppress(OSError):
+                data_bytes += os.stat(p).st_blocks * 512
+        return {
+            "path": self.root,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.model.fingerprint(),
+            "hash_algorithm": self.hash_algorithm,
+            "namespace": self.namespace,
+            "backend": self.backend_name,
+            "direct_io": self.backend.direct_io,
+            "durability": self.durability,
+            "readonly": self.readonly,
+            "capacity": self.capacity_,
+            "capacity_blocks": self.capacity_,
+            "blocks_used": used,
+            "blocks_free": self.capacity_ - used,
+            "block_size": self.block_size,
+            "slot_stride": self.stride,
+            "bytes_used": used * self.block_size,
+            "bytes_on_disk": data_bytes + reg.disk_bytes(),
+            "oldest": min(access) if access else None,
+            "newest": max(access) if access else None,
+            "corrupt_count": self.corrupt_count,
+            "data_files": files,
+            "layout": dict(self._meta["layout"]),
+        }
+
+    def verify(self, repair: bool = False) -> list[bytes]:
+        """Read every stored block and check it; returns the hashes of corrupt (or unreadable) blocks.
+
+        Rows whose slot lies outside the capacity are reported too. With ``repair`` (writers only) all
+        of them are dropped in one transaction; without it nothing changes.
+        """
+        self._check_open(write=repair)
+        self.refresh()
+        with self._lock:
+            items = sorted(((k, list(r)) for k, r in self._rows.items()), key=lambda kv: kv[1][_SLOT])
+        orphans = [k for k, r in items if r[_SLOT] >= self.capacity_]
+        valid = [(k, r) for k, r in items if r[_SLOT] < self.capacity_]
+        per = max(1, _IO_BATCH_BYTES // self.stride)
+        failed: list[tuple[bytes, Row]] = []
+        buf = self._alloc(min(per, max(1, len(valid))))
+        for start in range(0, len(valid), per):
+            batch = valid[start : start + per]
+            out = buf[: len(batch)]
+            failed.extend(batch[i] for i in self._read_verify(batch, out))
+        bad = self._confirm_readonly(failed) if self.readonly else [k for k, _ in failed]
+        if repair and (bad or orphans):
+            drop = bad + orphans
+            with self._commit_lock:
+                self._commit(deletes=drop)
+                with self._lock:
+                    for k in drop:
+                        row = self._rows.pop(k, None)
+                        if row is not None and self._by_slot.get(row[_SLOT]) == k:
+                            del self._by_slot[row[_SLOT]]
+                    self.corrupt_count += len(bad)
+        return bad + orphans
+
+    # -- durability -------------------------------------------------------------------------------
+    def _sync_all(self) -> None:
+        """Data fdatasync, THEN registry sync (rule 3): rows we make durable point at synced data."""
+        assert self._registry is not None
+        self._data_dirty = False
+        try:
+            self.backend.sync()
+        except OSError as exc:
+            self._data_dirty = True
+            raise _os_error(exc, f"syncing the data files of {self.root}") from exc
+        self._registry.sync()
+
+    def _commit_touches(self) -> None:
+        if self._pending_touch:
+            with self._commit_lock:
+                self._commit()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(_SYNC_INTERVAL_S):
+            try:
+                self._commit_touches()
+                if self.durability == "batch" and self._data_dirty:
+                    self._sync_all()
+                self.last_sync_error = None
+            except DiskTierError as exc:
+                # Keep serving; the next tick retries. Rows that became durable meanwhile are still
+                # protected by their checksums (rule 3).
+                self.last_sync_error = exc
+                logger.error("disk tier background sync failed: %s", exc)
+
+    def flush(self) -> None:
+        """Commit pending touches, fdatasync the data, then sync the registry (every durability mode).
+
+        Raises:
+            DiskTierError: a sync failed.
+        """
+        self._check_open()
+        if self.readonly:
+            return
+        self._commit_touches()
+        self._sync_all()
+
+    def close(self) -> None:
+        """Flush, stop the background syncer, close files and release the writer lock. Idempotent."""
+        if self._closed:
+            return
+        error: BaseException | None = None
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if not self.readonly and self._registry is not None:
+            try:
+                self.flush()
+            except DiskTierError as exc:
+                error = exc
+        self._teardown()
+        if error is not None:
+            raise error
+
+    def _teardown(self) -> None:
+        self._closed = True
+        if self._registered_here:
+            self._registered_here = False
+            with _OPEN_HERE_LOCK:
+                _OPEN_HERE.pop(self.root, None)
+        self._stop.set()
+        if self._backend_opened:
+            self._backend_opened = False
+            self.backend.close()
+        reg, self._registry = self._registry, None
+        if reg is not None:
+            with contextlib.suppress(DiskTierError):
+                reg.close()
+        lock, self._writer_lock = self._writer_lock, None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> DiskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"DiskStore({self.root!r}, capacity={getattr(self, 'capacity_', '?')}, backend={self.backend.name!r}, "
+            f"{'readonly' if self.readonly else 'writer'})"
+        )
