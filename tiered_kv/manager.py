@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .blocks import ImmutableBlock, MutableBlock
 from .config import KvBlockManagerConfig
 from .errors import NotEnoughBlocksAvailable, ShutdownError
+from .events import EventBus, KvEvent
 from .hashing import compute_sequence_hashes, hash_length
+from .offload import InflightSource, OffloadScheduler
 from .policies import create_policy
 from .pool import BlockPool
 from .storage.memory import TensorArena
@@ -29,26 +33,16 @@ log = logging.getLogger("tiered_kv")
 
 TIERS = ("device", "host", "disk")
 
+#: A source of blocks for a cross-tier match: a pool, or the snapshots queued toward the disk tier.
+Source = BlockPool | InflightSource
 
-class _OffloadCounters:
-    __slots__ = (
-        "bytes_demoted",
-        "bytes_promoted",
-        "corrupt_blocks",
-        "demotions",
-        "dropped_demotions",
-        "failed_transfers",
-        "promotions",
-    )
 
-    def __init__(self) -> None:
-        self.demotions = 0
-        self.promotions = 0
-        self.bytes_demoted = 0
-        self.bytes_promoted = 0
-        self.corrupt_blocks = 0
-        self.failed_transfers = 0
-        self.dropped_demotions = 0
+class _Request:
+    __slots__ = ("blocks", "num_tokens")
+
+    def __init__(self, num_tokens: int, blocks: list[MutableBlock]) -> None:
+        self.num_tokens = num_tokens
+        self.blocks = blocks
 
 
 class KvBlockManager:
@@ -68,8 +62,9 @@ class KvBlockManager:
         self._closed = False
         self._close_lock = threading.Lock()
         self._streams = TransferStreams(self.device_type)
-        self._counters = _OffloadCounters()
-        self._counter_lock = threading.Lock()
+        self.events = EventBus()
+        self._requests: dict[Any, _Request] = {}
+        self._requests_lock = threading.Lock()
         self._pools: dict[str, BlockPool] = {}
         cuda = self.device_type == "cuda"
         try:
@@ -89,8 +84,16 @@ class KvBlockManager:
             self._close_storages()
             raise
         self._order = [self._pools[t] for t in TIERS if t in self._pools]
-        for upper, lower in zip(self._order, self._order[1:]):
-            upper.set_eviction_handler(self._make_demoter(upper, lower))
+        for pool in self._order:
+            pool.events = self.events
+        self.scheduler = OffloadScheduler(self._order, self._streams)
+        # Lookup order for matches: each pool, with the snapshots queued toward a disk tier just above it.
+        self._sources: list[Source] = []
+        for pool in self._order:
+            queued = self.scheduler.inflight.get(pool.tier)
+            if queued is not None:
+                self._sources.append(queued)
+            self._sources.append(pool)
 
     def _add_pool(self, tier: str, storage: Any, num_blocks: int) -> BlockPool:
         pool = BlockPool(tier, storage, create_policy(self.config.eviction, num_blocks), self._hash_length)
@@ -157,19 +160,48 @@ class KvBlockManager:
         self._check_open()
         top = self._order[0]
         hashes = top._validate_hashes(hashes, "hashes")
+        for _attempt in range(4):
+            segments = self._find(hashes)
+            if len(self._sources) == 1 or all(ti == 0 for ti, _ in segments):
+                return [b for _, run in segments for b in run]
+            lower = [b.sequence_hash for ti, run in segments if ti for b in run]
+            mine, theirs = self.scheduler.claims.claim(lower)
+            if theirs:
+                # Another caller is promoting some of these: wait for it and match again (its copy is ours too).
+                self.scheduler.claims.done(mine)
+                for _, run in segments:
+                    for b in run:
+                        b.release()
+                for ev in theirs:
+                    ev.wait(5.0)
+                self.scheduler.counters.add(shared_promotions=len(theirs))
+                continue
+            try:
+                return self._promote(segments)
+            finally:
+                self.scheduler.claims.done(mine)
+        # Still contended after several rounds: return the top tier's leading run, promote nothing.
         segments = self._find(hashes)
-        if len(self._order) == 1 or all(tier == 0 for tier, _ in segments):
-            return [b for _, run in segments for b in run]
-        return self._promote(segments)
+        out: list[ImmutableBlock] = []
+        if segments and segments[0][0] == 0:
+            out = list(segments[0][1])
+            segments = segments[1:]
+        for _, run in segments:
+            for b in run:
+                b.release()
+        return out
 
     async def match_sequence_hashes_async(self, hashes: Sequence[bytes]) -> list[ImmutableBlock]:
         """Async twin of :meth:`match_sequence_hashes`; copies run in a worker thread, not on the event loop."""
         return await asyncio.to_thread(self.match_sequence_hashes, hashes)
 
-    def _find(self, hashes: list[bytes]) -> list[tuple[int, list[ImmutableBlock]]]:
-        """Per hash, the highest tier holding it; consecutive hashes of one tier form a run."""
-        pools = self._order
-        segments: list[tuple[int, list[ImmutableBlock]]] = []
+    def _find(self, hashes: list[bytes]) -> list[tuple[int, list[Any]]]:
+        """Per hash, the highest source holding it; consecutive hashes of one source form a run.
+
+        Returns ``(source index, handles)`` runs; index 0 is the top pool.
+        """
+        pools = self._sources
+        segments: list[tuple[int, list[Any]]] = []
         pos = 0
         n = len(hashes)
         while pos < n:
@@ -180,18 +212,21 @@ class KvBlockManager:
                     run = pool._match_run(hashes, pos, higher)
                     if run:
                         for miss in higher:
-                            miss.metrics.misses += 1
+                            if isinstance(miss, BlockPool):
+                                miss.metrics.misses += 1
                         segments.append((ti, run))
                         pos += len(run)
                         break
             else:
                 for pool in pools:
-                    pool.metrics.misses += 1
+                    if isinstance(pool, BlockPool):
+                        pool.metrics.misses += 1
                 break
         return segments
 
-    def _promote(self, segments: list[tuple[int, list[ImmutableBlock]]]) -> list[ImmutableBlock]:
+    def _promote(self, segments: list[tuple[int, list[Any]]]) -> list[ImmutableBlock]:
         """Copy lower-tier runs into the top tier, one batch per source tier; truncate to what the top can hold."""
+        t0 = time.perf_counter()
         top = self._order[0]
         items = [(ti, b) for ti, run in segments for b in run]
         dst: list[MutableBlock] = []
@@ -224,7 +259,7 @@ class KvBlockManager:
                 for _, b in items[keep:]:
                     b.release()
             result = [b if ti == 0 else None for ti, b in items[:keep]]
-            plan: dict[int, list[tuple[int, ImmutableBlock]]] = {}
+            plan: dict[int, list[tuple[int, Any]]] = {}
             for pos, (ti, b) in enumerate(items[:keep]):
                 if ti:
                     plan.setdefault(ti, []).append((pos, b))
@@ -233,7 +268,10 @@ class KvBlockManager:
             for ti, entries in sorted(plan.items()):
                 targets = dst[d : d + len(entries)]
                 d += len(entries)
-                bad = copy_between(self._order[ti], [b for _, b in entries], top, targets, self._streams)
+                src = self._sources[ti]
+                bad = copy_between(src, [b for _, b in entries], top, targets, self._streams)  # type: ignore[arg-type]
+                if bad:
+                    self.scheduler.counters.add(corrupt_blocks=len(bad))
                 if bad:
                     cut = min(cut, min(entries[i][0] for i in bad))
                 good = [(p, t, b.sequence_hash) for (p, b), t in zip(entries, targets) if p < cut]
@@ -242,15 +280,16 @@ class KvBlockManager:
                     registered = top.register_blocks([t for _, t, _ in good], [h for _, _, h in good])
                     for (p, _, _), r in zip(good, registered):
                         result[p] = r
-                    with self._counter_lock:
-                        self._counters.promotions += len(good)
-                        self._counters.bytes_promoted += len(good) * self.model.block_size_bytes
+                    n = len(good)
+                    self.scheduler.counters.add(promotions=n, bytes_promoted=n * self.model.block_size_bytes)
+                    self.scheduler.counters.pair(f"{src.tier}->{top.tier}", n)
             top.release_blocks(dst[d:])
             out = [b for b in result[:cut] if b is not None]
             top.release_blocks([b for b in result[cut:] if b is not None])
             for ti, run in segments:
                 if ti:
-                    self._order[ti].release_blocks(run)
+                    self._sources[ti].release_blocks(run)
+            self.scheduler.promote_latency.observe(time.perf_counter() - t0)
             return out
         except BaseException:
             for _, b in items:
@@ -270,60 +309,129 @@ class KvBlockManager:
                 room = min(room - 1, exc.available)
         return []
 
-    # ------------------------------------------------------------------------------------------------- demotion
-    def _make_demoter(self, upper: BlockPool, lower: BlockPool) -> Any:
-        size = self.model.block_size_bytes
-
-        def demote(victims: list[tuple[bytes, int]]) -> None:
-            # Runs under the upper pool's lock, before the victims' slots are reused: their bytes are intact.
-            todo = [(h, s) for h, s in victims if h not in lower]
-            if not todo:
-                return
-            room = lower.available_blocks()
-            dropped = len(todo) - room if room < len(todo) else 0
-            todo = todo[: len(todo) - dropped]
-            try:
-                dst = lower.allocate_blocks(len(todo)) if todo else []
-                if dst:
-                    data, _ = upper.storage.gather([s for _, s in todo])
-                    lower.scatter(dst, data)
-                    lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo]))
-            except Exception:
-                log.exception("demotion of %d blocks %s -> %s failed", len(todo), upper.tier, lower.tier)
-                with self._counter_lock:
-                    self._counters.failed_transfers += len(todo)
-                    self._counters.dropped_demotions += dropped
-                return
-            with self._counter_lock:
-                self._counters.demotions += len(todo)
-                self._counters.bytes_demoted += len(todo) * size
-                self._counters.dropped_demotions += dropped
-
-        return demote
-
     # -------------------------------------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, Any]:
         """Per-tier counters and the offload counters (see the contract's Metrics section)."""
         out: dict[str, Any] = {}
         for tier, pool in self._pools.items():
             out[tier] = pool.stats()
-        c = self._counters
-        out["offload"] = {
-            "demotions": c.demotions,
-            "promotions": c.promotions,
-            "bytes_demoted": c.bytes_demoted,
-            "bytes_promoted": c.bytes_promoted,
-            "queue_depth": 0,
-            "corrupt_blocks": c.corrupt_blocks + sum(p.metrics.corrupt for p in self._pools.values()),
-            "failed_transfers": c.failed_transfers,
-            "dropped_demotions": c.dropped_demotions,
-        }
+        off = self.scheduler.metrics()
+        off["corrupt_blocks"] += sum(p.metrics.corrupt for p in self._pools.values())
+        out["offload"] = off
         return out
+
+    # ------------------------------------------------------------------------------------------ events, pressure
+    def subscribe(self, callback: Callable[[KvEvent], None]) -> Callable[[], None]:
+        """Receive a :class:`~tiered_kv.events.KvEvent` for every block stored in or removed from any tier.
+
+        Callbacks run on a dispatcher thread, never under a pool lock. Returns an unsubscribe function.
+        """
+        return self.events.subscribe(callback)
+
+    def on_memory_pressure(
+        self, callback: Callable[[str, float], None], threshold: float = 0.9, tier: str | None = None
+    ) -> None:
+        """Call ``callback(tier, usage_rate)`` whenever the tier's usage rises to ``threshold`` (top tier default).
+
+        Edge-triggered: it fires again only after usage has fallen below the threshold in between.
+        """
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+        pool = self._pool_named(tier)
+        self.events.watch(pool, threshold, callback)
+
+    def trigger_eviction(self, mode: str = "normal", tier: str | None = None) -> int:
+        """Evict inactive blocks now (victims are demoted as usual); returns how many were evicted.
+
+        ``mode="normal"`` frees until a quarter of the tier is free; ``"aggressive"`` evicts every inactive block.
+        """
+        if mode not in ("normal", "aggressive"):
+            raise ValueError(f"mode must be 'normal' or 'aggressive', got {mode!r}")
+        self._check_open()
+        pool = self._pool_named(tier)
+        if mode == "aggressive":
+            count = pool.total_blocks()
+        else:
+            count = max(0, pool.total_blocks() // 4 - len(pool._free))
+        return len(pool.evict_inactive(count))
+
+    def _pool_named(self, tier: str | None) -> BlockPool:
+        if tier is None:
+            return self._order[0]
+        pool = self._pools.get(tier)
+        if pool is None:
+            raise ValueError(f"tier must be one of {', '.join(self._pools)}, got {tier!r}")
+        return pool
+
+    # ----------------------------------------------------------------------------------------- request-level API
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether the top tier could give the blocks for ``num_tokens`` tokens right now."""
+        return self._blocks_for(num_tokens) <= self._order[0].available_blocks()
+
+    def allocate_for_request(self, request_id: Any, num_tokens: int) -> list[int]:
+        """Allocate top-tier blocks for ``num_tokens`` tokens of a new request; returns its block table.
+
+        Raises:
+            ValueError: the request id is already allocated, or ``num_tokens`` is negative.
+            NotEnoughBlocksAvailable: the top tier cannot hold it (nothing allocated).
+        """
+        self._check_open()
+        n = self._blocks_for(num_tokens)
+        with self._requests_lock:
+            if request_id in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already allocated")
+            blocks = self._order[0].allocate_blocks(n)
+            self._requests[request_id] = _Request(num_tokens, blocks)
+            return [b.block_id for b in blocks]
+
+    def extend(self, request_id: Any, num_tokens: int) -> list[int]:
+        """Grow a request by ``num_tokens`` tokens, allocating blocks as needed; returns the new block ids."""
+        self._check_open()
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+        with self._requests_lock:
+            req = self._request(request_id)
+            need = self._blocks_for(req.num_tokens + num_tokens) - len(req.blocks)
+            new = self._order[0].allocate_blocks(need) if need > 0 else []
+            req.blocks.extend(new)
+            req.num_tokens += num_tokens
+            return [b.block_id for b in new]
+
+    def get_block_table(self, request_id: Any) -> list[int]:
+        """The request's block ids in the top tier, in token order."""
+        with self._requests_lock:
+            return [b.block_id for b in self._request(request_id).blocks]
+
+    def request_blocks(self, request_id: Any) -> list[MutableBlock]:
+        """The request's mutable blocks (to fill them, or to register the full ones)."""
+        with self._requests_lock:
+            return list(self._request(request_id).blocks)
+
+    def free_request(self, request_id: Any) -> None:
+        """Release every block of the request; unknown ids raise KeyError."""
+        with self._requests_lock:
+            req = self._requests.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"unknown request_id {request_id!r}")
+        for b in req.blocks:
+            b.release()
+
+    def _request(self, request_id: Any) -> _Request:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise KeyError(f"unknown request_id {request_id!r}")
+        return req
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+        return math.ceil(num_tokens / self.model.page_size)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
         """Wait until queued demotions are done and disk writes are durable."""
         self._check_open()
+        self.scheduler.drain()
         disk = self._pools.get("disk")
         if disk is not None:
             disk.storage.flush()  # type: ignore[attr-defined]
@@ -334,11 +442,13 @@ class KvBlockManager:
             if self._closed:
                 return
             try:
+                self.scheduler.stop(timeout=10.0)
                 disk = self._pools.get("disk")
                 if disk is not None:
                     disk.storage.flush()  # type: ignore[attr-defined]
             finally:
                 self._closed = True
+                self.events.close()
                 self._close_storages()
 
     def _close_storages(self) -> None:

@@ -37,6 +37,7 @@ from .policies import EvictionPolicy
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .events import EventBus
     from .storage.base import BlockStorage
 
 __all__ = ["BlockPool", "BlockState", "EvictionHandler"]
@@ -92,6 +93,7 @@ class BlockPool:
         self._by_hash: dict[bytes, int] = {}
         self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
         self._on_evict: EvictionHandler | None = None
+        self.events: EventBus | None = None  # set by the manager; publishing is a deque append
         self._closed: Callable[[], bool] = lambda: False
 
     # ---------------------------------------------------------------------------------------------- inspection
@@ -241,6 +243,8 @@ class BlockPool:
             self._on_evict(victims)
         self.storage.discard([s for _, s in victims], [h for h, _ in victims])
         self.metrics.record_evictions(victims, "capacity")
+        if self.events is not None and self.events.active:
+            self.events.publish("removed", self.tier, [h for h, _ in victims])
         return victims
 
     def evict_inactive(self, count: int) -> list[tuple[bytes, int]]:
@@ -332,11 +336,13 @@ class BlockPool:
         policy = self.policy
         freed = False
         out = []
+        stored = []
         for b, h in zip(blocks, hashes):
             slot = b.block_id
             b._released = True
             existing = by_hash.get(h)
             if existing is None:
+                stored.append(h)
                 by_hash[h] = slot
                 slot_hash[slot] = h
                 state[slot] = _REGISTERED
@@ -356,6 +362,8 @@ class BlockPool:
                 out.append(ImmutableBlock(self, existing, gen[existing], h))
         if freed:
             self._room.notify_all()
+        if stored and self.events is not None and self.events.active:
+            self.events.publish("stored", self.tier, stored)
         return out
 
     # ------------------------------------------------------------------------------------------------- matching
@@ -388,7 +396,7 @@ class BlockPool:
             self.storage.touch([b.sequence_hash for b in out])
         return out
 
-    def _match_run(self, hashes: list[bytes], start: int, higher: Sequence[BlockPool]) -> list[ImmutableBlock]:
+    def _match_run(self, hashes: list[bytes], start: int, higher: Sequence[Any]) -> list[ImmutableBlock]:
         """Match ``hashes[start:]`` while present here and absent from every ``higher`` pool (cross-tier match).
 
         Hits are counted here; misses are the caller's to count, since a hash that stops the run because a higher
@@ -415,6 +423,28 @@ class BlockPool:
             if out and self._persistent:
                 self.storage.touch([b.sequence_hash for b in out])
             return out
+
+    def acquire(self, sequence_hashes: Sequence[bytes]) -> list[ImmutableBlock]:
+        """Take a reference on every present hash (not a prefix match; not counted as hits). For internal movers."""
+        self._check_open()
+        with self._lock:
+            by_hash, refs, pins, gen, state = self._by_hash, self._refs, self._pins, self._gen, self._state
+            out = []
+            for h in sequence_hashes:
+                slot = by_hash.get(h)
+                if slot is None or state[slot] != _REGISTERED:
+                    continue
+                r = refs[slot]
+                if r == 0 and not pins[slot]:
+                    self.policy.set_evictable(h, False)
+                refs[slot] = r + 1
+                out.append(ImmutableBlock(self, slot, gen[slot], h))
+            return out
+
+    def eviction_candidates(self, n: int) -> list[bytes]:
+        """Up to ``n`` inactive hashes the policy expects to evict soon."""
+        with self._lock:
+            return [h for h in self.policy.candidates(n) if isinstance(h, bytes)]
 
     def touch(self, sequence_hashes: Sequence[bytes]) -> int:
         """Refresh the recency of cached hashes without matching; returns how many were present."""
@@ -596,6 +626,8 @@ class BlockPool:
             if dropped:
                 self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
                 self._room.notify_all()
+                if self.events is not None and self.events.active:
+                    self.events.publish("removed", self.tier, [h for h, _ in dropped])
             return len(dropped)
 
     def reset(self) -> None:
@@ -616,6 +648,8 @@ class BlockPool:
             self._free = list(range(self._n - 1, -1, -1))
             if dropped:
                 self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
+                if self.events is not None and self.events.active:
+                    self.events.publish("removed", self.tier, [h for h, _ in dropped])
             self._room.notify_all()
 
     # ------------------------------------------------------------------------------------------------- helpers

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
+from itertools import islice
 
 from .base import EvictionPolicy
 
@@ -132,6 +133,10 @@ class ARCPolicy(EvictionPolicy):
             d.clear()
         self._held1 = self._held2 = 0
         self.p = 0.0
+
+    def candidates(self, n: int) -> list[Hashable]:
+        # REPLACE takes from T1 while |T1| > p, else from T2: the next victims lie at both LRU ends.
+        return list(islice(self._t1, n)) + list(islice(self._t2, n))
 
     # --- the paper's algorithm for one reference ---------------------------------------------------------------
     def request(self, key: Hashable) -> bool:

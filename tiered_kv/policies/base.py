@@ -62,6 +62,13 @@ class EvictionPolicy(ABC):
     def clear(self) -> None:
         """Forget everything, history included."""
 
+    def candidates(self, n: int) -> list[Hashable]:
+        """Up to ``n`` evictable keys likely to be evicted soon (for write-back ahead of need); no state change.
+
+        The default gives none, which only disables cleaning ahead of need for a policy that does not say.
+        """
+        return []
+
 
 PolicyFactory = Callable[[int], EvictionPolicy]
 

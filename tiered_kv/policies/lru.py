@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
+from itertools import islice
 
 from .base import EvictionPolicy
 
@@ -64,6 +65,9 @@ class LRUPolicy(EvictionPolicy):
     def clear(self) -> None:
         self._lru.clear()
         self._held.clear()
+
+    def candidates(self, n: int) -> list[Hashable]:
+        return list(islice(self._lru, n))
 
     def order(self) -> list[Hashable]:
         """Evictable keys, least recent first (for tests and inspection)."""

@@ -1,0 +1,261 @@
+"""The offload scheduler and the manager's three-tier behaviour: queue, cleaning, sharing, events, requests."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from kvdata import SMALL, block_data, content_for, fill
+
+from tiered_kv import (
+    DiskConfig,
+    KvBlockManager,
+    KvBlockManagerConfig,
+    LayoutConfig,
+    NotEnoughBlocksAvailable,
+    ShutdownError,
+)
+from tiered_kv.events import KvEvent
+
+
+def three_tier(path: Path, device: int = 4, host: int = 8, disk: int = 64) -> KvBlockManager:
+    return KvBlockManager(
+        KvBlockManagerConfig(
+            model=SMALL,
+            device=LayoutConfig(num_blocks=device),
+            host=LayoutConfig(num_blocks=host),
+            disk=DiskConfig(path=str(path), num_blocks=disk, backend="posix", durability="none"),
+            device_type="cpu",
+        )
+    )
+
+
+def store(bm: KvBlockManager, hs: list[bytes], batch: int = 2) -> None:
+    pool = bm.top
+    for i in range(0, len(hs), batch):
+        part = hs[i : i + batch]
+        blocks = pool.allocate_blocks(len(part))
+        for b, h in zip(blocks, part):
+            fill(b, h)
+        pool.release_blocks(pool.register_blocks(blocks, part))
+
+
+def test_demotion_never_copies_twice(tmp_path: Path) -> None:
+    with three_tier(tmp_path, device=2, host=4) as bm:
+        hs = bm.sequence_hashes(list(range(4 * 2)))
+        store(bm, hs)  # 2 blocks, fit in the device tier
+        bm.scheduler.low_watermark = 0.0  # no cleaning ahead: every copy below is caused by an eviction
+        other = bm.sequence_hashes(list(range(1000, 1000 + 4 * 2)))
+        store(bm, other)  # evicts hs -> host
+        bm.flush()
+        first = bm.metrics()["offload"]["per_pair"].get("device->host", 0)
+        got = bm.match_sequence_hashes(hs)  # promoted back; host copy stays (inclusive)
+        bm.top.release_blocks(got)
+        bm.flush()
+        d1 = bm.metrics()["offload"]["per_pair"].get("device->host", 0)
+        # 'other' was evicted to make room: those were dirty, so they were copied; hs were not copied again.
+        assert d1 - first == 2
+        got = bm.match_sequence_hashes(other)
+        bm.top.release_blocks(got)
+        assert bm.metrics()["offload"]["per_pair"].get("device->host", 0) == d1  # hs evicted clean: no copy
+
+
+def test_queued_demotions_stay_matchable(tmp_path: Path) -> None:
+    with three_tier(tmp_path, device=2, host=2, disk=64) as bm:
+        disk_pool = bm.disk()
+        assert disk_pool is not None
+        gate = threading.Event()
+        real_commit = disk_pool.storage.commit
+
+        def slow_commit(slots, hashes):  # type: ignore[no-untyped-def]
+            gate.wait(5)
+            real_commit(slots, hashes)
+
+        disk_pool.storage.commit = slow_commit  # type: ignore[method-assign]
+        bm.scheduler.low_watermark = 0.0
+        hs = bm.sequence_hashes(list(range(4 * 8)))
+        store(bm, hs)
+        queued = bm.scheduler.inflight["disk"]
+        assert len(queued) > 0 and bm.metrics()["offload"]["queue_depth"] > 0
+        h = next(h for h in hs if h in queued)
+        got = bm.match_sequence_hashes([h])
+        assert len(got) == 1 and torch.equal(block_data(got[0]), content_for(h))
+        bm.top.release_blocks(got)
+        gate.set()
+        bm.flush()
+        assert len(queued) == 0 and h in disk_pool
+
+
+def test_bounded_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
+    with three_tier(tmp_path, device=2, host=2, disk=64) as bm:
+        disk_pool = bm.disk()
+        assert disk_pool is not None
+        gate = threading.Event()
+        real_commit = disk_pool.storage.commit
+        disk_pool.storage.commit = lambda s, h: (gate.wait(5), real_commit(s, h))  # type: ignore[method-assign]
+        bm.scheduler.max_queued_blocks = 2
+        bm.scheduler.low_watermark = 0.0
+        t0 = time.perf_counter()
+        store(bm, bm.sequence_hashes(list(range(4 * 20))))
+        assert time.perf_counter() - t0 < 2.0  # serving did not wait for the stalled disk
+        assert bm.metrics()["offload"]["dropped_demotions"] > 0
+        gate.set()
+
+
+def test_concurrent_matches_share_one_promotion(tmp_path: Path) -> None:
+    with three_tier(tmp_path, device=16, host=16) as bm:
+        hs = bm.sequence_hashes(list(range(4 * 8)))
+        host = bm.host()
+        assert host is not None
+        blocks = host.allocate_blocks(8)
+        for b, h in zip(blocks, hs):
+            fill(b, h)
+        host.release_blocks(host.register_blocks(blocks, hs))
+        results: list[list] = []
+        barrier = threading.Barrier(4)
+
+        def go() -> None:
+            barrier.wait()
+            results.append(bm.match_sequence_hashes(hs))
+
+        threads = [threading.Thread(target=go) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all([b.sequence_hash for b in r] == hs for r in results)
+        assert bm.metrics()["offload"]["promotions"] == 8  # each block copied up once
+        for r in results:
+            bm.top.release_blocks(r)
+
+
+def test_threads_and_asyncio_under_a_tiny_device_tier(tmp_path: Path) -> None:
+    with three_tier(tmp_path, device=6, host=12, disk=200) as bm:
+        convs = [bm.sequence_hashes(list(range(c * 10_000, c * 10_000 + 4 * 12))) for c in range(12)]
+        wrong: list[str] = []
+        errors: list[BaseException] = []
+
+        def turn(rng: random.Random) -> None:
+            hs = convs[rng.randrange(len(convs))][: rng.randrange(1, 7)]
+            got = bm.match_sequence_hashes(hs)
+            try:
+                for b in got:
+                    if not torch.equal(block_data(b), content_for(b.sequence_hash)):
+                        wrong.append(b.sequence_hash.hex())
+                missing = hs[len(got) :]
+                try:
+                    new = bm.top.allocate_blocks(len(missing))
+                except NotEnoughBlocksAvailable:
+                    return
+                for b, h in zip(new, missing):
+                    fill(b, h)
+                got += bm.top.register_blocks(new, missing)
+            finally:
+                bm.top.release_blocks(got)
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(60):
+                    turn(rng)
+            except BaseException as exc:
+                errors.append(exc)
+
+        async def async_clients() -> None:
+            async def client(seed: int) -> None:
+                rng = random.Random(seed)
+                for _ in range(30):
+                    hs = convs[rng.randrange(len(convs))][: rng.randrange(1, 5)]
+                    got = await bm.match_sequence_hashes_async(hs)
+                    for b in got:
+                        if not torch.equal(block_data(b), content_for(b.sequence_hash)):
+                            wrong.append(b.sequence_hash.hex())
+                    bm.top.release_blocks(got)
+
+            await asyncio.gather(*(client(100 + i) for i in range(3)))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        asyncio.run(async_clients())
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+        assert not errors, errors
+        assert not wrong
+        bm.flush()
+        m = bm.metrics()
+        assert m["offload"]["demotions"] > 0 and m["offload"]["promotions"] > 0
+        assert m["device"]["available_blocks"] == 6  # nothing leaked
+
+
+def test_close_while_work_is_queued(tmp_path: Path) -> None:
+    bm = three_tier(tmp_path, device=2, host=2, disk=64)
+    bm.scheduler.low_watermark = 0.0
+    store(bm, bm.sequence_hashes(list(range(4 * 30))))
+    bm.close()
+    assert all(not t.is_alive() for t in bm.scheduler._threads)
+    with pytest.raises(ShutdownError):
+        bm.match_sequence_hashes(bm.sequence_hashes(list(range(8))))
+    with three_tier(tmp_path, device=2, host=2, disk=64) as again:  # what was written is there
+        disk = again.disk()
+        assert disk is not None and len(disk) > 0
+        got = again.disk().match_sequence_hashes(disk.cached_hashes()[:1])  # type: ignore[union-attr]
+        assert torch.equal(block_data(got[0]), content_for(got[0].sequence_hash))
+        got[0].release()
+
+
+def test_events_and_pressure(tmp_path: Path) -> None:
+    with three_tier(tmp_path, device=4, host=8) as bm:
+        events: list[KvEvent] = []
+        bm.subscribe(events.append)
+        pressure: list[tuple[str, float]] = []
+        bm.on_memory_pressure(lambda tier, u: pressure.append((tier, u)), threshold=0.75)
+        hs = bm.sequence_hashes(list(range(4 * 8)))
+        held = []
+        for i in range(0, 4):
+            b = bm.top.allocate_blocks(1)
+            fill(b[0], hs[i])
+            held += bm.top.register_blocks(b, hs[i : i + 1])
+        def stored() -> set[bytes]:
+            return {h for e in list(events) if e.kind == "stored" and e.tier == "device" for h in e.sequence_hashes}
+
+        deadline = time.time() + 5
+        while (not pressure or not set(hs[:4]) <= stored()) and time.time() < deadline:
+            time.sleep(0.02)
+        assert pressure and pressure[0][0] == "device" and pressure[0][1] >= 0.75
+        assert set(hs[:4]) <= stored()
+        bm.top.release_blocks(held)
+        evicted = bm.trigger_eviction("aggressive")
+        assert evicted == 4 and bm.top.available_blocks() == 4
+        deadline = time.time() + 5
+        while time.time() < deadline and not any(e.kind == "removed" and e.tier == "device" for e in events):
+            time.sleep(0.02)
+        assert any(e.kind == "removed" and e.tier == "device" for e in events)
+        with pytest.raises(ValueError, match="mode"):
+            bm.trigger_eviction("gentle")
+
+
+def test_request_level_api(two_tier: KvBlockManager) -> None:
+    bm = two_tier
+    assert bm.can_allocate(16) and not bm.can_allocate(17)
+    table = bm.allocate_for_request("r1", 5)  # 2 blocks of 4 tokens
+    assert len(table) == 2 and bm.get_block_table("r1") == table
+    assert bm.extend("r1", 3) == []  # 8 tokens still fit in 2 blocks
+    new = bm.extend("r1", 1)
+    assert len(new) == 1 and bm.get_block_table("r1") == table + new
+    with pytest.raises(ValueError, match="already"):
+        bm.allocate_for_request("r1", 1)
+    with pytest.raises(NotEnoughBlocksAvailable):
+        bm.allocate_for_request("r2", 9)
+    bm.free_request("r1")
+    assert bm.top.available_blocks() == 4
+    with pytest.raises(KeyError):
+        bm.free_request("r1")
+    with pytest.raises(ValueError, match="num_tokens"):
+        bm.allocate_for_request("r3", -1)

@@ -1,0 +1,513 @@
+"""The offload scheduler: the only place that moves bytes between tiers in the background.
+
+Demotion (write-back). When a pool evicts, its eviction handler (:meth:`OffloadScheduler.on_evict`) runs under
+that pool's lock while the victims' bytes are still intact:
+
+* a victim already present in the next tier is *clean*: nothing to copy (tiers are inclusive);
+* a dirty victim going to a memory tier (device -> host) is copied at once (a memcpy; this is the only copy an
+  allocation can wait for, and only when no clean victim was left);
+* a dirty victim going to the disk tier is snapshotted into host memory and queued for a background writer, so
+  an allocation never waits for disk I/O. While queued it stays matchable from the snapshot (the *in-flight*
+  source, looked up between its source and its destination tier). The queue is bounded: when the disk cannot
+  keep up, further demotions are dropped and counted instead of blocking serving.
+
+Cleaning ahead of need. A cleaner thread watches the memory tiers: when a tier's free blocks fall below the low
+watermark, it copies the policy's next victims down to the next tier while they stay in place (held by the
+cleaner during the copy, so they remain matchable and cannot be evicted mid-copy). Later evictions of these
+blocks are clean.
+
+Promotion runs on the caller's thread (the match needs the result), one batch per source tier; concurrent
+matches of the same hash share one promotion (see :class:`PromotionClaims`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .blocks import ImmutableBlock
+from .errors import DiskFullError, TieredKvError
+from .pool import BlockPool
+from .transfer import TransferStreams, copy_between
+
+__all__ = ["OffloadScheduler", "OffloadCounters", "LatencyHistogram", "InflightSource", "PromotionClaims"]
+
+log = logging.getLogger("tiered_kv.offload")
+
+
+class LatencyHistogram:
+    """Log-spaced latency buckets (seconds) with count, sum and quantiles; cheap to update under a lock."""
+
+    BOUNDS = tuple(10.0 ** (e / 4) for e in range(-24, 5))  # 1 us .. ~18 s, 4 buckets per decade
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Record one latency."""
+        lo, hi = 0, len(self.BOUNDS)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if seconds <= self.BOUNDS[mid]:
+                hi = mid
+            else:
+                lo = mid + 1
+        with self._lock:
+            self.counts[lo] += 1
+            self.total += seconds
+            self.n += 1
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding the ``q`` quantile (0.0 when empty)."""
+        with self._lock:
+            counts, n = list(self.counts), self.n
+        if n == 0:
+            return 0.0
+        rank = q * n
+        seen = 0
+        for i, c in enumerate(counts):
+            seen += c
+            if seen >= rank:
+                return self.BOUNDS[i] if i < len(self.BOUNDS) else float("inf")
+        return float("inf")
+
+    def summary(self) -> dict[str, float]:
+        """count, mean, p50, p99 (seconds)."""
+        return {
+            "count": self.n,
+            "mean": self.total / self.n if self.n else 0.0,
+            "p50": self.quantile(0.5),
+            "p99": self.quantile(0.99),
+        }
+
+
+@dataclass
+class OffloadCounters:
+    """Scheduler counters; ``per_pair`` keys are "device->host" style strings."""
+
+    demotions: int = 0
+    promotions: int = 0
+    bytes_demoted: int = 0
+    bytes_promoted: int = 0
+    dropped_demotions: int = 0
+    failed_transfers: int = 0
+    corrupt_blocks: int = 0
+    cleaned: int = 0
+    shared_promotions: int = 0
+    per_pair: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: int) -> None:
+        """Add to several counters atomically."""
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def pair(self, name: str, n: int) -> None:
+        """Count ``n`` blocks moved along one tier pair."""
+        with self.lock:
+            self.per_pair[name] = self.per_pair.get(name, 0) + n
+
+
+class _InflightBlock:
+    """A demoted block waiting in the disk queue, matchable from its snapshot."""
+
+    __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash")
+
+    def __init__(self, source: InflightSource, h: bytes, data: torch.Tensor) -> None:
+        self._pool = source
+        self._released = False
+        self.block_id = -1
+        self.sequence_hash = h
+        self.data = data
+
+    def release(self) -> None:
+        self._released = True
+
+
+class InflightSource:
+    """Snapshots of blocks queued toward a persistent tier; pool-like enough for matching and promotion."""
+
+    def __init__(self, tier: str) -> None:
+        self.tier = f"{tier}-queue"
+        self._lock = threading.Lock()
+        self._data: dict[bytes, torch.Tensor] = {}
+        self._by_hash = self._data  # what the manager's run detection reads
+
+    def put(self, hashes: Sequence[bytes], data: torch.Tensor) -> None:
+        with self._lock:
+            for i, h in enumerate(hashes):
+                self._data[h] = data[i]
+
+    def drop(self, hashes: Sequence[bytes]) -> None:
+        with self._lock:
+            for h in hashes:
+                self._data.pop(h, None)
+
+    def __contains__(self, h: object) -> bool:
+        return h in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _match_run(self, hashes: list[bytes], start: int, higher: Sequence[Any]) -> list[_InflightBlock]:
+        out: list[_InflightBlock] = []
+        with self._lock:
+            for i in range(start, len(hashes)):
+                h = hashes[i]
+                t = self._data.get(h)
+                if t is None or (out and any(h in p._by_hash for p in higher)):
+                    break
+                out.append(_InflightBlock(self, h, t))
+        return out
+
+    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        data = torch.stack([b.data for b in blocks])
+        if out is not None:
+            out.copy_(data)
+            return out, []
+        return data, []
+
+    def release_blocks(self, blocks: Sequence[Any]) -> None:
+        for b in blocks:
+            b._released = True
+
+
+class PromotionClaims:
+    """Hashes being promoted right now, so that concurrent matches share one copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: dict[bytes, threading.Event] = {}
+
+    def claim(self, hashes: Sequence[bytes]) -> tuple[list[bytes], list[threading.Event]]:
+        """Claim the unclaimed hashes; returns (claimed, events of hashes another caller is promoting)."""
+        mine: list[bytes] = []
+        theirs: list[threading.Event] = []
+        with self._lock:
+            for h in hashes:
+                ev = self._claims.get(h)
+                if ev is None:
+                    self._claims[h] = threading.Event()
+                    mine.append(h)
+                else:
+                    theirs.append(ev)
+        return mine, theirs
+
+    def done(self, hashes: Sequence[bytes]) -> None:
+        with self._lock:
+            events = [self._claims.pop(h, None) for h in hashes]
+        for ev in events:
+            if ev is not None:
+                ev.set()
+
+
+@dataclass
+class _Job:
+    lower: BlockPool
+    pair: str
+    hashes: list[bytes]
+    data: torch.Tensor
+    queued_at: float
+
+
+class OffloadScheduler:
+    """Background demotion (queue + writers) and cleaning ahead of need.
+
+    Args:
+        pools: the configured pools, top tier first.
+        streams: CUDA copy streams (or disabled).
+        max_queued_blocks: bound of the disk demotion queue, in blocks.
+        low_watermark: fraction of a memory tier kept free-or-clean by the cleaner.
+        workers: writer threads for the disk queue.
+    """
+
+    def __init__(
+        self,
+        pools: list[BlockPool],
+        streams: TransferStreams,
+        *,
+        max_queued_blocks: int = 512,
+        low_watermark: float = 0.1,
+        workers: int = 2,
+        clean_interval: float = 0.02,
+    ) -> None:
+        self.pools = pools
+        self.streams = streams
+        self.counters = OffloadCounters()
+        self.demote_latency = LatencyHistogram()
+        self.promote_latency = LatencyHistogram()
+        self.max_queued_blocks = max_queued_blocks
+        self.low_watermark = low_watermark
+        self.clean_interval = clean_interval
+        self.claims = PromotionClaims()
+        self._queue: deque[_Job] = deque()
+        self._queued_blocks = 0
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self.inflight: dict[str, InflightSource] = {}
+        self._threads: list[threading.Thread] = []
+        self._block_bytes = pools[0].model.block_size_bytes
+        for upper, lower in itertools.pairwise(pools):
+            if lower.storage.persistent:
+                self.inflight[lower.tier] = InflightSource(lower.tier)
+            upper.set_eviction_handler(self._make_handler(upper, lower))
+        if any(p.storage.persistent for p in pools[1:]):
+            for i in range(workers):
+                self._spawn(self._writer, f"tiered-kv-writer-{i}")
+        if len(pools) > 1:
+            self._spawn(self._cleaner, "tiered-kv-cleaner")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # ---------------------------------------------------------------------------------------------- demotion
+    def _make_handler(self, upper: BlockPool, lower: BlockPool) -> Callable[[list[tuple[bytes, int]]], None]:
+        pair = f"{upper.tier}->{lower.tier}"
+        inflight = self.inflight.get(lower.tier)
+
+        def on_evict(victims: list[tuple[bytes, int]]) -> None:
+            # Under upper's lock, before the victims' slots are reused: their bytes are intact.
+            dirty = [(h, s) for h, s in victims if h not in lower and (inflight is None or h not in inflight)]
+            if not dirty:
+                return
+            if inflight is None:
+                self._copy_now(upper, lower, pair, dirty)
+            else:
+                self._enqueue(upper, lower, pair, inflight, dirty)
+
+        return on_evict
+
+    def _copy_now(self, upper: BlockPool, lower: BlockPool, pair: str, dirty: list[tuple[bytes, int]]) -> None:
+        t0 = time.perf_counter()
+        room = lower.available_blocks()
+        dropped = max(0, len(dirty) - room)
+        todo = dirty[: len(dirty) - dropped]
+        try:
+            dst = lower.allocate_blocks(len(todo)) if todo else []
+            if dst:
+                data, _ = upper.storage.gather([s for _, s in todo])
+                lower.scatter(dst, data)
+                lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo]))
+        except TieredKvError:
+            log.exception("demotion of %d blocks %s failed", len(todo), pair)
+            self.counters.add(failed_transfers=len(todo), dropped_demotions=dropped)
+            return
+        n = len(todo)
+        self.counters.add(demotions=n, bytes_demoted=n * self._block_bytes, dropped_demotions=dropped)
+        self.counters.pair(pair, n)
+        self.demote_latency.observe(time.perf_counter() - t0)
+
+    def _enqueue(
+        self, upper: BlockPool, lower: BlockPool, pair: str, inflight: InflightSource, dirty: list[tuple[bytes, int]]
+    ) -> None:
+        with self._cond:
+            room = self.max_queued_blocks - self._queued_blocks
+            if self._stop:
+                room = 0
+            take = dirty[: max(0, room)]
+            dropped = len(dirty) - len(take)
+            self._queued_blocks += len(take)
+        if dropped:
+            self.counters.add(dropped_demotions=dropped)
+        if not take:
+            return
+        # A memory copy (device->host when the upper tier is the device): never disk I/O on this path.
+        data, _ = upper.storage.gather([s for _, s in take])
+        data = data.to("cpu")
+        hashes = [h for h, _ in take]
+        inflight.put(hashes, data)
+        with self._cond:
+            self._queue.append(_Job(lower, pair, hashes, data, time.perf_counter()))
+            self._cond.notify()
+
+    def _writer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._busy += 1
+            try:
+                self._write(job)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._queued_blocks -= len(job.hashes)
+                    self._cond.notify_all()
+
+    def _write(self, job: _Job) -> None:
+        lower = job.lower
+        inflight = self.inflight[lower.tier]
+        todo = [(i, h) for i, h in enumerate(job.hashes) if h not in lower]
+        written = 0
+        try:
+            if todo:
+                dst = self._allocate_some(lower, len(todo))
+                dropped = len(todo) - len(dst)
+                todo = todo[: len(dst)]
+                if dst:
+                    idx = torch.tensor([i for i, _ in todo])
+                    lower.scatter(dst, job.data.index_select(0, idx))
+                    lower.release_blocks(lower.register_blocks(dst, [h for _, h in todo]))
+                    written = len(dst)
+                if dropped:
+                    self.counters.add(dropped_demotions=dropped)
+        except DiskFullError:
+            log.warning("disk full: %d demoted blocks dropped", len(todo))
+            self.counters.add(failed_transfers=len(todo))
+        except TieredKvError:
+            log.exception("writing %d demoted blocks (%s) failed", len(todo), job.pair)
+            self.counters.add(failed_transfers=len(todo))
+        except Exception:
+            log.exception("unexpected error writing %d demoted blocks (%s)", len(todo), job.pair)
+            self.counters.add(failed_transfers=len(todo))
+        finally:
+            inflight.drop(job.hashes)  # after registration: the block is always findable somewhere
+        if written:
+            self.counters.add(demotions=written, bytes_demoted=written * self._block_bytes)
+            self.counters.pair(job.pair, written)
+            self.demote_latency.observe(time.perf_counter() - job.queued_at)
+
+    @staticmethod
+    def _allocate_some(pool: BlockPool, n: int) -> list[Any]:
+        room = min(n, pool.available_blocks())
+        while room > 0:
+            try:
+                return pool.allocate_blocks(room)
+            except TieredKvError:
+                room = min(room - 1, pool.available_blocks())
+        return []
+
+    # ---------------------------------------------------------------------------------------------- cleaning
+    def _cleaner(self) -> None:
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                self._cond.wait(self.clean_interval)
+                if self._stop:
+                    return
+            for upper, lower in zip(self.pools, self.pools[1:]):
+                if upper.storage.persistent:
+                    continue
+                try:
+                    self._clean(upper, lower)
+                except TieredKvError as exc:
+                    if self._stop:
+                        return
+                    log.debug("cleaning %s failed: %s", upper.tier, exc)
+                except Exception:
+                    log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
+
+    def _clean(self, upper: BlockPool, lower: BlockPool, budget: int | None = None) -> int:
+        """Copy the policy's next victims down while they stay in place; returns how many were copied."""
+        total = upper.total_blocks()
+        want = max(1, int(total * self.low_watermark))
+        free = len(upper._free)
+        if budget is None and free >= want:
+            return 0
+        n = budget if budget is not None else want - free
+        inflight = self.inflight.get(lower.tier)
+        candidates = [
+            h for h in upper.eviction_candidates(2 * n) if h not in lower and (inflight is None or h not in inflight)
+        ][:n]
+        if not candidates:
+            return 0
+        if inflight is not None:
+            with self._cond:  # bounded like the eviction path: never grow the disk backlog without limit
+                if self._queued_blocks >= self.max_queued_blocks:
+                    return 0
+        held = upper.acquire(candidates)
+        try:
+            if not held:
+                return 0
+            dst = self._allocate_some(lower, len(held))
+            held_now, rest = held[: len(dst)], held[len(dst) :]
+            upper.release_blocks(rest)
+            if not dst:
+                return 0
+            bad = copy_between(upper, held_now, lower, dst, self.streams)
+            good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in set(bad)]
+            lower.release_blocks([d for i, d in enumerate(dst) if i in set(bad)])
+            if good:
+                lower.release_blocks(lower.register_blocks([d for _, d in good], [b.sequence_hash for b, _ in good]))
+            n_ok = len(good)
+            self.counters.add(demotions=n_ok, bytes_demoted=n_ok * self._block_bytes, cleaned=n_ok)
+            self.counters.pair(f"{upper.tier}->{lower.tier}", n_ok)
+            return n_ok
+        finally:
+            upper.release_blocks(held)
+
+    # ---------------------------------------------------------------------------------------------- control
+    def queue_depth(self) -> int:
+        """Blocks waiting in (or being written from) the disk demotion queue."""
+        return self._queued_blocks
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until the demotion queue is empty and no write is in progress; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 0.1)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drain the queue (up to ``timeout``), then stop every thread."""
+        self.drain(timeout)
+        with self._cond:
+            self._stop = True
+            dropped = sum(len(j.hashes) for j in self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        if dropped:
+            self.counters.add(dropped_demotions=dropped)
+            log.warning("close: %d queued demotions dropped after %.1f s", dropped, timeout)
+        for t in self._threads:
+            t.join(timeout)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters, queue depth and latency summaries."""
+        c = self.counters
+        with c.lock:
+            out: dict[str, Any] = {
+                "demotions": c.demotions,
+                "promotions": c.promotions,
+                "bytes_demoted": c.bytes_demoted,
+                "bytes_promoted": c.bytes_promoted,
+                "dropped_demotions": c.dropped_demotions,
+                "failed_transfers": c.failed_transfers,
+                "corrupt_blocks": c.corrupt_blocks,
+                "cleaned": c.cleaned,
+                "shared_promotions": c.shared_promotions,
+                "per_pair": dict(c.per_pair),
+            }
+        out["queue_depth"] = self.queue_depth()
+        out["demote_latency_s"] = self.demote_latency.summary()
+        out["promote_latency_s"] = self.promote_latency.summary()
+        return out
+
+
+def release_all(blocks: Sequence[ImmutableBlock | Any]) -> None:
+    """Release handles of any pool (or in-flight snapshots)."""
+    for b in blocks:
+        b.release()
