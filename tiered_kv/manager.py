@@ -50,9 +50,11 @@ class KvBlockManager:
 
     Args:
         config: the tiers, model geometry, eviction policy and hashing parameters.
+        disk_backend: a :class:`~tiered_kv.storage.disk.backend.DiskBackend` to use for the disk tier instead
+            of the one ``config.disk.backend`` names (e.g. a ``FaultInjectingBackend`` for fault drills).
     """
 
-    def __init__(self, config: KvBlockManagerConfig) -> None:
+    def __init__(self, config: KvBlockManagerConfig, *, disk_backend: Any = None) -> None:
         if not isinstance(config, KvBlockManagerConfig):
             raise TypeError(f"config must be a KvBlockManagerConfig, got {type(config).__name__}")
         self.config = config
@@ -79,7 +81,7 @@ class KvBlockManager:
                 )
                 self._add_pool("host", arena, config.host.num_blocks)
             if config.disk is not None:
-                self._open_disk()
+                self._open_disk(disk_backend)
         except BaseException:
             self._close_storages()
             raise
@@ -101,12 +103,12 @@ class KvBlockManager:
         self._pools[tier] = pool
         return pool
 
-    def _open_disk(self) -> None:
+    def _open_disk(self, backend: Any) -> None:
         from .storage.disk_tier import open_disk_storage
 
         disk = self.config.disk
         assert disk is not None
-        storage = open_disk_storage(self.config)
+        storage = open_disk_storage(self.config, backend)
         pool = self._add_pool("disk", storage, disk.num_blocks)
         pool._restore(storage.stored_slots())
 

@@ -17,6 +17,7 @@ from ..config import KvBlockManagerConfig
 from ..errors import CorruptBlockError, DiskTierError
 from .base import BlockStorage
 from .disk import DiskStore
+from .disk.backend import DiskBackend
 
 __all__ = ["DiskStorage", "open_disk_storage"]
 
@@ -132,8 +133,10 @@ class DiskStorage(BlockStorage):
         self.store.close()
 
 
-def open_disk_storage(config: KvBlockManagerConfig) -> DiskStorage:
+def open_disk_storage(config: KvBlockManagerConfig, backend: DiskBackend | None = None) -> DiskStorage:
     """Open (or create) the disk tier that ``config.disk`` names, for writing."""
     assert config.disk is not None
-    store = DiskStore(config.disk, config.model, hash_algorithm=config.hash_algorithm, namespace=config.namespace)
+    store = DiskStore(
+        config.disk, config.model, hash_algorithm=config.hash_algorithm, namespace=config.namespace, backend=backend
+    )
     return DiskStorage(store)
