@@ -72,7 +72,7 @@ def test_restart_is_warm_in_a_new_process(tmp_path: Path) -> None:
         hs = bm.sequence_hashes(list(range(4 * 16)))
         store(bm, hs)
         bm.flush()
-        on_disk = set(bm.disk().cached_hashes())  # type: ignore[union-attr]
+    on_disk = set(bm.disk().cached_hashes())  # type: ignore[union-attr]  # after close: the cleaner has stopped
     code = textwrap.dedent(
         f"""
         import sys, torch

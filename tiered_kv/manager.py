@@ -168,8 +168,9 @@ class KvBlockManager:
                 return [b for _, run in segments for b in run]
             lower = [b.sequence_hash for ti, run in segments if ti for b in run]
             mine, theirs = self.scheduler.claims.claim(lower)
-            if theirs:
-                # Another caller is promoting some of these: wait for it and match again (its copy is ours too).
+            if theirs or any(h in top for h in lower):
+                # Another caller is promoting some of these (or just did): wait for it and match again; its copy
+                # is ours too.
                 self.scheduler.claims.done(mine)
                 for _, run in segments:
                     for b in run:

@@ -404,17 +404,27 @@ class OffloadScheduler:
                 self._cond.wait(self.clean_interval)
                 if self._stop:
                     return
-            for upper, lower in zip(self.pools, self.pools[1:]):
-                if upper.storage.persistent:
-                    continue
-                try:
-                    self._clean(upper, lower)
-                except TieredKvError as exc:
-                    if self._stop:
-                        return
-                    log.debug("cleaning %s failed: %s", upper.tier, exc)
-                except Exception:
-                    log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
+            with self._cond:
+                self._busy += 1  # drain() waits for a cleaning pass in progress too
+            try:
+                self._clean_all()
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _clean_all(self) -> None:
+        for upper, lower in zip(self.pools, self.pools[1:]):
+            if upper.storage.persistent:
+                continue
+            try:
+                self._clean(upper, lower)
+            except TieredKvError as exc:
+                if self._stop:
+                    return
+                log.debug("cleaning %s failed: %s", upper.tier, exc)
+            except Exception:  # keep the cleaner alive; the failure is logged
+                log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
 
     def _clean(self, upper: BlockPool, lower: BlockPool, budget: int | None = None) -> int:
         """Copy the policy's next victims down while they stay in place; returns how many were copied."""
