@@ -18,7 +18,7 @@ from typing import Any
 
 from .blocks import ImmutableBlock, MutableBlock
 from .config import KvBlockManagerConfig
-from .errors import NotEnoughBlocksAvailable, ShutdownError
+from .errors import CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable, ShutdownError
 from .events import EventBus, KvEvent
 from .hashing import compute_sequence_hashes, hash_length
 from .offload import InflightSource, OffloadScheduler
@@ -152,8 +152,13 @@ class KvBlockManager:
         )
 
     # ------------------------------------------------------------------------------------------------- matching
-    def match_sequence_hashes(self, hashes: Sequence[bytes]) -> list[ImmutableBlock]:
+    def match_sequence_hashes(self, hashes: Sequence[bytes], tokens: Any = None) -> list[ImmutableBlock]:
         """The longest matched prefix of ``hashes``, as blocks of the top tier (promoted when found lower).
+
+        Args:
+            hashes: sequence hashes of a request's full blocks, in order.
+            tokens: optionally the request's token ids; a block stored with other token ids is then a miss
+                (a hash collision, accidental or crafted, never returns someone else's KV).
 
         Raises:
             ShutdownError: the manager is closed.
@@ -162,8 +167,9 @@ class KvBlockManager:
         self._check_open()
         top = self._order[0]
         hashes = top._validate_hashes(hashes, "hashes")
+        expected = top.expected_tokens(tokens, len(hashes))
         for _attempt in range(4):
-            segments = self._find(hashes)
+            segments = self._find(hashes, expected)
             if len(self._sources) == 1 or all(ti == 0 for ti, _ in segments):
                 return [b for _, run in segments for b in run]
             lower = [b.sequence_hash for ti, run in segments if ti for b in run]
@@ -184,7 +190,7 @@ class KvBlockManager:
             finally:
                 self.scheduler.claims.done(mine)
         # Still contended after several rounds: return the top tier's leading run, promote nothing.
-        segments = self._find(hashes)
+        segments = self._find(hashes, expected)
         out: list[ImmutableBlock] = []
         if segments and segments[0][0] == 0:
             out = list(segments[0][1])
@@ -194,11 +200,11 @@ class KvBlockManager:
                 b.release()
         return out
 
-    async def match_sequence_hashes_async(self, hashes: Sequence[bytes]) -> list[ImmutableBlock]:
+    async def match_sequence_hashes_async(self, hashes: Sequence[bytes], tokens: Any = None) -> list[ImmutableBlock]:
         """Async twin of :meth:`match_sequence_hashes`; copies run in a worker thread, not on the event loop."""
-        return await asyncio.to_thread(self.match_sequence_hashes, hashes)
+        return await asyncio.to_thread(self.match_sequence_hashes, hashes, tokens)
 
-    def _find(self, hashes: list[bytes]) -> list[tuple[int, list[Any]]]:
+    def _find(self, hashes: list[bytes], expected: list[bytes] | None = None) -> list[tuple[int, list[Any]]]:
         """Per hash, the highest source holding it; consecutive hashes of one source form a run.
 
         Returns ``(source index, handles)`` runs; index 0 is the top pool.
@@ -212,7 +218,7 @@ class KvBlockManager:
             for ti, pool in enumerate(pools):
                 if h in pool:
                     higher = pools[:ti]
-                    run = pool._match_run(hashes, pos, higher)
+                    run = pool._match_run(hashes, pos, higher, expected)
                     if run:
                         for miss in higher:
                             if isinstance(miss, BlockPool):
@@ -277,11 +283,14 @@ class KvBlockManager:
                     self.scheduler.counters.add(corrupt_blocks=len(bad))
                 if bad:
                     cut = min(cut, min(entries[i][0] for i in bad))
-                good = [(p, t, b.sequence_hash) for (p, b), t in zip(entries, targets) if p < cut]
+                toks = src.tokens_of([b for _, b in entries])
+                good = [(p, t, b.sequence_hash, k) for ((p, b), t, k) in zip(entries, targets, toks) if p < cut]
                 top.release_blocks([t for (p, _), t in zip(entries, targets) if p >= cut])
                 if good:
-                    registered = top.register_blocks([t for _, t, _ in good], [h for _, _, h in good])
-                    for (p, _, _), r in zip(good, registered):
+                    registered = top.register_blocks(
+                        [t for _, t, _, _ in good], [h for _, _, h, _ in good], [k for _, _, _, k in good]
+                    )
+                    for (p, _, _, _), r in zip(good, registered):
                         result[p] = r
                     n = len(good)
                     self.scheduler.counters.add(promotions=n, bytes_promoted=n * self.model.block_size_bytes)
@@ -311,6 +320,121 @@ class KvBlockManager:
             except NotEnoughBlocksAvailable as exc:
                 room = min(room - 1, exc.available)
         return []
+
+    # ---------------------------------------------------------------------------------------- explicit transfers
+    def swap_out(self, blocks: Sequence[ImmutableBlock]) -> list[ImmutableBlock]:
+        """Copy device blocks to the host tier (e.g. to preempt a request) and return host handles.
+
+        The device blocks stay registered and held by the caller (release them to let the device reuse them).
+        Blocks already on the host are not copied again. All or nothing: if the host cannot take every block,
+        ``NotEnoughBlocksAvailable`` is raised and nothing is copied.
+        """
+        return self._move(blocks, "device", "host")
+
+    def swap_in(self, blocks: Sequence[ImmutableBlock]) -> list[ImmutableBlock]:
+        """Copy host blocks back to the device tier and return device handles (all or nothing)."""
+        return self._move(blocks, "host", "device")
+
+    async def swap_out_async(self, blocks: Sequence[ImmutableBlock]) -> list[ImmutableBlock]:
+        """Async twin of :meth:`swap_out` (the copy runs in a worker thread)."""
+        return await asyncio.to_thread(self.swap_out, blocks)
+
+    async def swap_in_async(self, blocks: Sequence[ImmutableBlock]) -> list[ImmutableBlock]:
+        """Async twin of :meth:`swap_in` (the copy runs in a worker thread)."""
+        return await asyncio.to_thread(self.swap_in, blocks)
+
+    def _move(self, blocks: Sequence[ImmutableBlock], src_tier: str, dst_tier: str) -> list[ImmutableBlock]:
+        self._check_open()
+        src, dst = self._pools.get(src_tier), self._pools.get(dst_tier)
+        if src is None or dst is None:
+            raise ValueError(f"swapping {src_tier} -> {dst_tier} needs both tiers configured")
+        blocks = list(blocks)
+        for i, b in enumerate(blocks):
+            if not isinstance(b, ImmutableBlock) or b.pool is not src or b.released:
+                raise InvalidBlockError(
+                    f"blocks[{i}]: expected a held ImmutableBlock of the {src_tier} pool, got {b!r}"
+                )
+        present = dst.acquire([b.sequence_hash for b in blocks])
+        have = {b.sequence_hash: b for b in present}
+        todo = [b for b in blocks if b.sequence_hash not in have]
+        try:
+            new = dst.allocate_blocks(len(todo))
+        except NotEnoughBlocksAvailable:
+            dst.release_blocks(present)
+            raise
+        try:
+            bad = copy_between(src, todo, dst, new, self._streams)
+            if bad:
+                raise CorruptBlockError(f"{len(bad)} {src_tier} blocks failed verification while swapping")
+            registered = dst.register_blocks(new, [b.sequence_hash for b in todo], src.tokens_of(todo))
+        except BaseException:
+            dst.release_blocks([*new, *present])
+            raise
+        n = len(todo)
+        self.scheduler.counters.pair(f"{src_tier}->{dst_tier}", n)
+        for b, r in zip(todo, registered):
+            have[b.sequence_hash] = r
+        return [have[b.sequence_hash] for b in blocks]
+
+    def copy_blocks(self, src_blocks: Sequence[Any], dst_blocks: Sequence[MutableBlock]) -> None:
+        """Byte copy between blocks of the same geometry, within or across tiers, in one batch per pool pair.
+
+        Args:
+            src_blocks: held blocks (mutable or immutable) of any tier.
+            dst_blocks: mutable blocks of any tier, one per source block.
+
+        Raises:
+            ValueError: lengths differ. InvalidBlockError: a released or foreign block.
+            CorruptBlockError: a disk source failed verification (its destination is not written).
+        """
+        self._check_open()
+        src_blocks, dst_blocks = list(src_blocks), list(dst_blocks)
+        if len(src_blocks) != len(dst_blocks):
+            raise ValueError(f"src_blocks and dst_blocks differ in length: {len(src_blocks)} != {len(dst_blocks)}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (s, d) in enumerate(zip(src_blocks, dst_blocks)):
+            if s.released or s.pool not in self._order:
+                raise InvalidBlockError(f"src_blocks[{i}]: {s!r} is released or not from this manager")
+            if not isinstance(d, MutableBlock) or d.released or d.pool not in self._order:
+                raise InvalidBlockError(f"dst_blocks[{i}]: expected a live MutableBlock of this manager, got {d!r}")
+            groups.setdefault((id(s.pool), id(d.pool)), []).append(i)
+        for idx in groups.values():
+            s_pool, d_pool = src_blocks[idx[0]].pool, dst_blocks[idx[0]].pool
+            bad = copy_between(s_pool, [src_blocks[i] for i in idx], d_pool, [dst_blocks[i] for i in idx],
+                               self._streams)
+            if bad:
+                raise CorruptBlockError(f"{len(bad)} source blocks failed verification in copy_blocks")
+
+    def prefetch(self, hashes: Sequence[bytes], tokens: Any = None) -> None:
+        """Start promoting what the lower tiers hold of ``hashes`` toward the top tier; returns at once.
+
+        A later match finds the blocks promoted, or waits for the promotion in flight (never fetched twice).
+        Pending prefetches are cancelled by :meth:`close`.
+        """
+        self._check_open()
+        hashes = self._order[0]._validate_hashes(hashes, "hashes")
+        self.scheduler.submit(lambda: self.top.release_blocks(self.match_sequence_hashes(hashes, tokens)))
+
+    # ------------------------------------------------------------------------------------------ reset and touch
+    def reset(self, tiers: Sequence[str] | None = None) -> None:
+        """Drop every inactive cached block of the given tiers (all by default; disk rows in one transaction).
+
+        Raises:
+            InvalidBlockError: a block of one of these tiers is held or pinned; nothing is dropped anywhere.
+        """
+        self._check_open()
+        names = list(self._pools) if tiers is None else list(tiers)
+        pools = [self._pool_named(t) for t in names]
+        self.scheduler.drain()
+        for pool in pools:
+            held = pool.held_blocks()
+            if held:
+                raise InvalidBlockError(f"cannot reset: {held} blocks of the {pool.tier} tier are held or pinned")
+        for pool in pools:
+            queued = self.scheduler.inflight.get(pool.tier)
+            if queued is not None:
+                queued.drop(list(queued._data))
+            pool.reset()
 
     # -------------------------------------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,14 +124,15 @@ class OffloadCounters:
 class _InflightBlock:
     """A demoted block waiting in the disk queue, matchable from its snapshot."""
 
-    __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash")
+    __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash", "tokens")
 
-    def __init__(self, source: InflightSource, h: bytes, data: torch.Tensor) -> None:
+    def __init__(self, source: InflightSource, h: bytes, data: torch.Tensor, tokens: bytes | None) -> None:
         self._pool = source
         self._released = False
         self.block_id = -1
         self.sequence_hash = h
         self.data = data
+        self.tokens = tokens
 
     def release(self) -> None:
         self._released = True
@@ -142,13 +144,13 @@ class InflightSource:
     def __init__(self, tier: str) -> None:
         self.tier = f"{tier}-queue"
         self._lock = threading.Lock()
-        self._data: dict[bytes, torch.Tensor] = {}
+        self._data: dict[bytes, tuple[torch.Tensor, bytes | None]] = {}
         self._by_hash = self._data  # what the manager's run detection reads
 
-    def put(self, hashes: Sequence[bytes], data: torch.Tensor) -> None:
+    def put(self, hashes: Sequence[bytes], data: torch.Tensor, tokens: Sequence[bytes | None]) -> None:
         with self._lock:
             for i, h in enumerate(hashes):
-                self._data[h] = data[i]
+                self._data[h] = (data[i], tokens[i])
 
     def drop(self, hashes: Sequence[bytes]) -> None:
         with self._lock:
@@ -161,16 +163,23 @@ class InflightSource:
     def __len__(self) -> int:
         return len(self._data)
 
-    def _match_run(self, hashes: list[bytes], start: int, higher: Sequence[Any]) -> list[_InflightBlock]:
+    def _match_run(
+        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
+    ) -> list[_InflightBlock]:
         out: list[_InflightBlock] = []
         with self._lock:
             for i in range(start, len(hashes)):
                 h = hashes[i]
-                t = self._data.get(h)
-                if t is None or (out and any(h in p._by_hash for p in higher)):
+                entry = self._data.get(h)
+                if entry is None or (out and any(h in p._by_hash for p in higher)):
                     break
-                out.append(_InflightBlock(self, h, t))
+                if expected is not None and entry[1] not in (None, expected[i]):
+                    break
+                out.append(_InflightBlock(self, h, entry[0], entry[1]))
         return out
+
+    def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
+        return [b.tokens for b in blocks]
 
     def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         data = torch.stack([b.data for b in blocks])
@@ -219,6 +228,7 @@ class _Job:
     pair: str
     hashes: list[bytes]
     data: torch.Tensor
+    tokens: list[bytes | None]
     queued_at: float
 
 
@@ -257,6 +267,7 @@ class OffloadScheduler:
         self._busy = 0
         self._cond = threading.Condition()
         self._stop = False
+        self._prefetcher: ThreadPoolExecutor | None = None
         self.inflight: dict[str, InflightSource] = {}
         self._threads: list[threading.Thread] = []
         self._block_bytes = pools[0].model.block_size_bytes
@@ -302,7 +313,8 @@ class OffloadScheduler:
             if dst:
                 data, _ = upper.storage.gather([s for _, s in todo])
                 lower.scatter(dst, data)
-                lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo]))
+                toks = [upper._tokens[s] for _, s in todo]
+                lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo], tokens=toks))
         except TieredKvError:
             log.exception("demotion of %d blocks %s failed", len(todo), pair)
             self.counters.add(failed_transfers=len(todo), dropped_demotions=dropped)
@@ -330,9 +342,10 @@ class OffloadScheduler:
         data, _ = upper.storage.gather([s for _, s in take])
         data = data.to("cpu")
         hashes = [h for h, _ in take]
-        inflight.put(hashes, data)
+        toks = [upper._tokens[s] for _, s in take]
+        inflight.put(hashes, data, toks)
         with self._cond:
-            self._queue.append(_Job(lower, pair, hashes, data, time.perf_counter()))
+            self._queue.append(_Job(lower, pair, hashes, data, toks, time.perf_counter()))
             self._cond.notify()
 
     def _writer(self) -> None:
@@ -365,7 +378,8 @@ class OffloadScheduler:
                 if dst:
                     idx = torch.tensor([i for i, _ in todo])
                     lower.scatter(dst, job.data.index_select(0, idx))
-                    lower.release_blocks(lower.register_blocks(dst, [h for _, h in todo]))
+                    toks = [job.tokens[i] for i, _ in todo]
+                    lower.release_blocks(lower.register_blocks(dst, [h for _, h in todo], tokens=toks))
                     written = len(dst)
                 if dropped:
                     self.counters.add(dropped_demotions=dropped)
@@ -457,7 +471,9 @@ class OffloadScheduler:
             good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in set(bad)]
             lower.release_blocks([d for i, d in enumerate(dst) if i in set(bad)])
             if good:
-                lower.release_blocks(lower.register_blocks([d for _, d in good], [b.sequence_hash for b, _ in good]))
+                toks = upper.tokens_of([b for b, _ in good])
+                registered = lower.register_blocks([d for _, d in good], [b.sequence_hash for b, _ in good], toks)
+                lower.release_blocks(registered)
             n_ok = len(good)
             self.counters.add(demotions=n_ok, bytes_demoted=n_ok * self._block_bytes, cleaned=n_ok)
             self.counters.pair(f"{upper.tier}->{lower.tier}", n_ok)
@@ -466,6 +482,25 @@ class OffloadScheduler:
             upper.release_blocks(held)
 
     # ---------------------------------------------------------------------------------------------- control
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the background prefetch worker (dropped silently once stopping)."""
+        with self._cond:
+            if self._stop:
+                return
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-kv-prefetch")
+            pool = self._prefetcher
+
+        def run() -> None:
+            try:
+                fn()
+            except TieredKvError as exc:  # a prefetch is advisory: a closed manager or a full tier is no error
+                log.debug("prefetch skipped: %s", exc)
+            except Exception:
+                log.exception("prefetch failed")
+
+        pool.submit(run)
+
     def queue_depth(self) -> int:
         """Blocks waiting in (or being written from) the disk demotion queue."""
         return self._queued_blocks
@@ -483,6 +518,10 @@ class OffloadScheduler:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Drain the queue (up to ``timeout``), then stop every thread."""
+        with self._cond:
+            prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.shutdown(wait=True, cancel_futures=True)
         self.drain(timeout)
         with self._cond:
             self._stop = True

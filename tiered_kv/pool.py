@@ -34,6 +34,7 @@ from .blocks import ImmutableBlock, MutableBlock, _Block
 from .errors import CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
+from .tokens import encode_tokens
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -90,6 +91,9 @@ class BlockPool:
         self._pins = [0] * n
         self._gen = [0] * n
         self._slot_hash: list[bytes | None] = [None] * n
+        # Token ids a block was registered with (little-endian uint32 bytes), when the caller gave them: a match
+        # that brings its own tokens verifies them, so a hash collision is a miss instead of someone else's KV.
+        self._tokens: list[bytes | None] = [None] * n
         self._by_hash: dict[bytes, int] = {}
         self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
         self._on_evict: EvictionHandler | None = None
@@ -290,22 +294,32 @@ class BlockPool:
         A hash already present returns the existing block (deduplicated) and frees the new one. The mutable
         handles are consumed.
 
+        Args:
+            blocks: filled mutable blocks of this pool.
+            sequence_hashes: one hash per block.
+            tokens: optional, one entry per block: its ``page_size`` token ids, stored with the block so that a
+                later ``match_sequence_hashes(..., tokens=...)`` can verify them.
+
         Raises:
-            ValueError: lengths differ, or a hash has the wrong type or length.
-            InvalidBlockError: a block is released, registered twice in the call, or from another pool.
+            ValueError: lengths differ, a hash has the wrong type or length, or a tokens entry is malformed.
+            InvalidBlockError: a block is released, registered twice in the call, or from another pool; or a hash
+                is already registered with other token ids (a hash collision).
         """
         blocks = list(blocks)
         hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
         if len(blocks) != len(hashes):
             raise ValueError(f"blocks and sequence_hashes differ in length: {len(blocks)} != {len(hashes)}")
+        toks = self._encode_tokens(tokens, len(blocks))
         self._check_open()
         if self._register_lock is None:
             with self._lock:
                 self._validate_mutable(blocks)
-                return self._register_locked(blocks, hashes)
+                self._check_collisions(hashes, toks)
+                return self._register_locked(blocks, hashes, toks)
         with self._register_lock:
             with self._lock:
                 self._validate_mutable(blocks)
+                self._check_collisions(hashes, toks)
                 new = [(b.block_id, h) for b, h in zip(blocks, hashes) if h not in self._by_hash]
                 seen: set[bytes] = set()
                 new = [(s, h) for s, h in new if not (h in seen or seen.add(h))]  # type: ignore[func-returns-value]
@@ -313,7 +327,42 @@ class BlockPool:
             if new:
                 self.storage.commit([s for s, _ in new], [h for _, h in new])
             with self._lock:
-                return self._register_locked(blocks, hashes)
+                return self._register_locked(blocks, hashes, toks)
+
+    def _encode_tokens(self, tokens: Any, n: int) -> list[bytes | None] | None:
+        if tokens is None:
+            return None
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__") or len(tokens) != n:
+            got = len(tokens) if hasattr(tokens, "__len__") else type(tokens).__name__
+            raise ValueError(f"tokens: expected one entry per block ({n}), got {got}")
+        page = self.model.page_size
+        out: list[bytes | None] = []
+        for i, t in enumerate(tokens):
+            if t is None or isinstance(t, bytes):
+                if isinstance(t, bytes) and len(t) != 4 * page:
+                    raise ValueError(f"tokens[{i}]: expected {4 * page} bytes of uint32 ids, got {len(t)}")
+                out.append(t)
+                continue
+            enc = encode_tokens(t, f"tokens[{i}]")
+            if len(enc) != 4 * page:
+                raise ValueError(f"tokens[{i}]: expected {page} token ids, got {len(enc) // 4}")
+            out.append(enc)
+        return out
+
+    def _check_collisions(self, hashes: list[bytes], toks: list[bytes | None] | None) -> None:
+        if toks is None:
+            return
+        for i, (h, t) in enumerate(zip(hashes, toks)):
+            slot = self._by_hash.get(h)
+            if slot is not None and t is not None and self._tokens[slot] not in (None, t):
+                raise InvalidBlockError(
+                    f"sequence_hashes[{i}]: {h.hex()} is registered in the {self.tier} pool with other token ids "
+                    "(a hash collision); nothing was registered"
+                )
+
+    def tokens_of(self, blocks: Sequence[_Block]) -> list[bytes | None]:
+        """The token ids (uint32 bytes) each registered block was stored with, or None where unknown."""
+        return [self._tokens[b.block_id] for b in blocks]
 
     def _validate_mutable(self, blocks: list[MutableBlock]) -> None:
         state, gen = self._state, self._gen
@@ -330,14 +379,17 @@ class BlockPool:
                 raise InvalidBlockError(f"blocks[{i}]: {self.tier}:{slot} appears twice")
             seen.add(slot)
 
-    def _register_locked(self, blocks: list[MutableBlock], hashes: list[bytes]) -> list[ImmutableBlock]:
+    def _register_locked(
+        self, blocks: list[MutableBlock], hashes: list[bytes], toks: list[bytes | None] | None = None
+    ) -> list[ImmutableBlock]:
         by_hash, refs, pins, state, gen = self._by_hash, self._refs, self._pins, self._state, self._gen
+        tokens = self._tokens
         slot_hash = self._slot_hash
         policy = self.policy
         freed = False
         out = []
         stored = []
-        for b, h in zip(blocks, hashes):
+        for i, (b, h) in enumerate(zip(blocks, hashes)):
             slot = b.block_id
             b._released = True
             existing = by_hash.get(h)
@@ -345,6 +397,7 @@ class BlockPool:
                 stored.append(h)
                 by_hash[h] = slot
                 slot_hash[slot] = h
+                tokens[slot] = toks[i] if toks is not None else None
                 state[slot] = _REGISTERED
                 refs[slot] = 1
                 policy.insert(h, False)
@@ -355,6 +408,8 @@ class BlockPool:
                     policy.set_evictable(h, False)
                 refs[existing] = r + 1
                 policy.touch(h)
+                if toks is not None and tokens[existing] is None:
+                    tokens[existing] = toks[i]
                 state[slot] = _FREE
                 self.storage.drop_stage(slot)
                 self._free.append(slot)
@@ -367,22 +422,37 @@ class BlockPool:
         return out
 
     # ------------------------------------------------------------------------------------------------- matching
-    def match_sequence_hashes(self, sequence_hashes: Sequence[bytes]) -> list[ImmutableBlock]:
-        """The longest prefix of ``sequence_hashes`` registered in this pool (no promotion from other tiers)."""
+    def match_sequence_hashes(self, sequence_hashes: Sequence[bytes], tokens: Any = None) -> list[ImmutableBlock]:
+        """The longest prefix of ``sequence_hashes`` registered in this pool (no promotion from other tiers).
+
+        With ``tokens`` (the request's token ids), a block stored with other token ids is a miss.
+        """
         hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        expected = self.expected_tokens(tokens, len(hashes))
         self._check_open()
         with self._lock:
-            return self._match_locked(hashes)
+            return self._match_locked(hashes, expected)
 
-    def _match_locked(self, hashes: list[bytes]) -> list[ImmutableBlock]:
+    def expected_tokens(self, tokens: Any, n: int) -> list[bytes] | None:
+        """Split a request's token ids into per-block uint32 bytes for verification (None without tokens)."""
+        if tokens is None:
+            return None
+        enc = encode_tokens(tokens, "tokens")
+        width = 4 * self.model.page_size
+        if len(enc) < n * width:
+            raise ValueError(f"tokens: {len(enc) // 4} token ids cover fewer than the {n} blocks hashed")
+        return [enc[i * width : (i + 1) * width] for i in range(n)]
+
+    def _match_locked(self, hashes: list[bytes], expected: list[bytes] | None = None) -> list[ImmutableBlock]:
         if self._pending:
             self._drain_pending()
         by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
         policy = self.policy
+        tokens = self._tokens
         out = []
-        for h in hashes:
+        for i, h in enumerate(hashes):
             slot = by_hash.get(h)
-            if slot is None:
+            if slot is None or (expected is not None and tokens[slot] not in (None, expected[i])):
                 self.metrics.misses += 1
                 break
             r = refs[slot]
@@ -396,22 +466,27 @@ class BlockPool:
             self.storage.touch([b.sequence_hash for b in out])
         return out
 
-    def _match_run(self, hashes: list[bytes], start: int, higher: Sequence[Any]) -> list[ImmutableBlock]:
+    def _match_run(
+        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
+    ) -> list[ImmutableBlock]:
         """Match ``hashes[start:]`` while present here and absent from every ``higher`` pool (cross-tier match).
 
         Hits are counted here; misses are the caller's to count, since a hash that stops the run because a higher
-        tier holds it was not missed here.
+        tier holds it was not missed here. ``expected``: per-hash token bytes to verify (see ``tokens``).
         """
         self._check_open()
         with self._lock:
             self._drain_pending()
             by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
             policy = self.policy
+            tokens = self._tokens
             out: list[ImmutableBlock] = []
             for i in range(start, len(hashes)):
                 h = hashes[i]
                 slot = by_hash.get(h)
                 if slot is None or (out and any(h in p._by_hash for p in higher)):
+                    break
+                if expected is not None and tokens[slot] not in (None, expected[i]):
                     break
                 r = refs[slot]
                 if r == 0 and not pins[slot]:
@@ -630,15 +705,24 @@ class BlockPool:
                     self.events.publish("removed", self.tier, [h for h, _ in dropped])
             return len(dropped)
 
+    def held_blocks(self) -> int:
+        """Blocks that are mutable, referenced or pinned (what :meth:`reset` refuses to drop)."""
+        with self._lock:
+            self._drain_pending()
+            return self._held_locked()
+
+    def _held_locked(self) -> int:
+        state, refs, pins = self._state, self._refs, self._pins
+        return sum(1 for i in range(self._n) if state[i] != _FREE and (refs[i] or pins[i] or state[i] == _MUTABLE))
+
     def reset(self) -> None:
         """Drop every cached block; refuses (InvalidBlockError, nothing changed) while any block is held."""
         self._check_open()
         with self._lock:
             self._drain_pending()
-            held = [i for i in range(self._n) if self._state[i] != _FREE and (self._refs[i] or self._pins[i]
-                                                                                 or self._state[i] == _MUTABLE)]
+            held = self._held_locked()
             if held:
-                raise InvalidBlockError(f"cannot reset the {self.tier} pool: {len(held)} blocks are held or pinned")
+                raise InvalidBlockError(f"cannot reset the {self.tier} pool: {held} blocks are held or pinned")
             dropped = [(h, s) for h, s in self._by_hash.items()]
             self._by_hash.clear()
             self.policy.clear()
