@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -249,7 +250,8 @@ class OffloadScheduler:
         streams: TransferStreams,
         *,
         max_queued_blocks: int = 512,
-        low_watermark: float = 0.1,
+        low_watermark: float = 0.25,
+        clean_batch: int = 64,
         workers: int = 2,
         clean_interval: float = 0.02,
     ) -> None:
@@ -260,6 +262,7 @@ class OffloadScheduler:
         self.promote_latency = LatencyHistogram()
         self.max_queued_blocks = max_queued_blocks
         self.low_watermark = low_watermark
+        self.clean_batch = clean_batch
         self.clean_interval = clean_interval
         self.claims = PromotionClaims()
         self._queue: deque[_Job] = deque()
@@ -278,8 +281,11 @@ class OffloadScheduler:
         if any(p.storage.persistent for p in pools[1:]):
             for i in range(workers):
                 self._spawn(self._writer, f"tiered-kv-writer-{i}")
-        if len(pools) > 1:
-            self._spawn(self._cleaner, "tiered-kv-cleaner")
+        for upper, lower in itertools.pairwise(pools):
+            if not upper.storage.persistent:
+                kick = threading.Event()
+                upper.set_pressure_hook(self._reserve(upper), kick.set)
+                self._spawn(partial(self._cleaner, upper, lower, kick), f"tiered-kv-clean-{upper.tier}")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -410,48 +416,38 @@ class OffloadScheduler:
         return []
 
     # ---------------------------------------------------------------------------------------------- cleaning
-    def _cleaner(self) -> None:
-        while True:
-            with self._cond:
-                if self._stop:
-                    return
-                self._cond.wait(self.clean_interval)
-                if self._stop:
-                    return
+    def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
+        while not self._stop:
+            kick.wait(self.clean_interval)
+            kick.clear()
+            if self._stop:
+                return
             with self._cond:
                 self._busy += 1  # drain() waits for a cleaning pass in progress too
             try:
-                self._clean_all()
+                for _ in range(64):  # keep going while there is work, then sleep until kicked
+                    if self._stop or self._clean(upper, lower) == 0:
+                        break
+            except TieredKvError as exc:
+                if not self._stop:
+                    log.debug("cleaning %s failed: %s", upper.tier, exc)
+            except Exception:  # keep the cleaner alive; the failure is logged
+                log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
             finally:
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
 
-    def _clean_all(self) -> None:
-        for upper, lower in zip(self.pools, self.pools[1:]):
-            if upper.storage.persistent:
-                continue
-            try:
-                self._clean(upper, lower)
-            except TieredKvError as exc:
-                if self._stop:
-                    return
-                log.debug("cleaning %s failed: %s", upper.tier, exc)
-            except Exception:  # keep the cleaner alive; the failure is logged
-                log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
-
     def _clean(self, upper: BlockPool, lower: BlockPool, budget: int | None = None) -> int:
         """Copy the policy's next victims down while they stay in place; returns how many were copied."""
-        total = upper.total_blocks()
-        want = max(1, int(total * self.low_watermark))
-        free = len(upper._free)
-        if budget is None and free >= want:
-            return 0
-        n = budget if budget is not None else want - free
+        want = self._reserve(upper)
         inflight = self.inflight.get(lower.tier)
-        candidates = [
-            h for h in upper.eviction_candidates(2 * n) if h not in lower and (inflight is None or h not in inflight)
-        ][:n]
+        upcoming = upper.eviction_candidates(want)
+        dirty = [h for h in upcoming if h not in lower and (inflight is None or h not in inflight)]
+        # Reserve = free slots + clean blocks among the next victims: evicting those costs no copy.
+        reserve = len(upper._free) + len(upcoming) - len(dirty)
+        n = budget if budget is not None else want - reserve
+        candidates = dirty[: max(0, min(n, self.clean_batch))]
         if not candidates:
             return 0
         if inflight is not None:
@@ -480,6 +476,10 @@ class OffloadScheduler:
             return n_ok
         finally:
             upper.release_blocks(held)
+
+    def _reserve(self, pool: BlockPool) -> int:
+        """Free-or-clean blocks the cleaner keeps in ``pool`` (the low watermark)."""
+        return max(1, int(pool.total_blocks() * self.low_watermark)) if self.low_watermark > 0 else 0
 
     # ---------------------------------------------------------------------------------------------- control
     def submit(self, fn: Callable[[], None]) -> None:

@@ -97,6 +97,8 @@ class BlockPool:
         self._by_hash: dict[bytes, int] = {}
         self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
         self._on_evict: EvictionHandler | None = None
+        self._low_free = 0
+        self._on_low_free: Callable[[], None] | None = None
         self.events: EventBus | None = None  # set by the manager; publishing is a deque append
         self._closed: Callable[[], bool] = lambda: False
 
@@ -179,6 +181,12 @@ class BlockPool:
         """Install the callback that sees victims before their slots are reused (the offload scheduler's hook)."""
         self._on_evict = handler
 
+    def set_pressure_hook(self, low_free: int, hook: Callable[[], None] | None) -> None:
+        """Call ``hook`` (cheap, lock-free, e.g. ``Event.set``) when an allocation leaves fewer than ``low_free``
+        free slots: the scheduler's cue to clean ahead of need."""
+        self._low_free = low_free
+        self._on_low_free = hook
+
     def allocate_blocks(self, n: int) -> list[MutableBlock]:
         """Allocate ``n`` mutable blocks, all or nothing, evicting inactive blocks if needed.
 
@@ -213,6 +221,8 @@ class BlockPool:
                 free.extend(reversed(slots))
                 raise
             slots.extend(slot for _, slot in victims)
+        if self._on_low_free is not None and len(free) < self._low_free:
+            self._on_low_free()
         state, gen = self._state, self._gen
         out = []
         for slot in slots:
