@@ -53,7 +53,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -811,11 +811,16 @@ class DiskStore:
             "layout": dict(self._meta["layout"]),
         }
 
-    def verify(self, repair: bool = False) -> list[bytes]:
+    def verify(self, repair: bool = False, progress: Callable[[int, int], None] | None = None) -> list[bytes]:
         """Read every stored block and check it; returns the hashes of corrupt (or unreadable) blocks.
 
         Rows whose slot lies outside the capacity are reported too. With ``repair`` (writers only) all
         of them are dropped in one transaction; without it nothing changes.
+
+        Args:
+            repair: drop the reported rows (needs the writer).
+            progress: called as ``progress(done, total)`` with the number of blocks read so far, once
+                before the first batch and after every batch (for progress bars).
         """
         self._check_open(write=repair)
         self.refresh()
@@ -826,10 +831,14 @@ class DiskStore:
         per = max(1, _IO_BATCH_BYTES // self.stride)
         failed: list[tuple[bytes, Row]] = []
         buf = self._alloc(min(per, max(1, len(valid))))
+        if progress is not None:
+            progress(0, len(valid))
         for start in range(0, len(valid), per):
             batch = valid[start : start + per]
             out = buf[: len(batch)]
             failed.extend(batch[i] for i in self._read_verify(batch, out))
+            if progress is not None:
+                progress(start + len(batch), len(valid))
         bad = self._confirm_readonly(failed) if self.readonly else [k for k, _ in failed]
         if repair and (bad or orphans):
             drop = bad + orphans
