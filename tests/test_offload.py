@@ -72,9 +72,9 @@ def test_queued_demotions_stay_matchable(tmp_path: Path) -> None:
         gate = threading.Event()
         real_commit = disk_pool.storage.commit
 
-        def slow_commit(slots, hashes):  # type: ignore[no-untyped-def]
+        def slow_commit(*args):  # type: ignore[no-untyped-def]
             gate.wait(5)
-            real_commit(slots, hashes)
+            real_commit(*args)
 
         disk_pool.storage.commit = slow_commit  # type: ignore[method-assign]
         bm.scheduler.low_watermark = 0.0
@@ -97,7 +97,7 @@ def test_bounded_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
         assert disk_pool is not None
         gate = threading.Event()
         real_commit = disk_pool.storage.commit
-        disk_pool.storage.commit = lambda s, h: (gate.wait(5), real_commit(s, h))  # type: ignore[method-assign]
+        disk_pool.storage.commit = lambda *a: (gate.wait(5), real_commit(*a))  # type: ignore[method-assign]
         bm.scheduler.max_queued_blocks = 2
         bm.scheduler.low_watermark = 0.0
         t0 = time.perf_counter()

@@ -278,9 +278,8 @@ class KvBlockManager:
                 targets = dst[d : d + len(entries)]
                 d += len(entries)
                 src = self._sources[ti]
+                # Blocks failing verification are counted (once) by the source pool, which drops them.
                 bad = copy_between(src, [b for _, b in entries], top, targets, self._streams)  # type: ignore[arg-type]
-                if bad:
-                    self.scheduler.counters.add(corrupt_blocks=len(bad))
                 if bad:
                     cut = min(cut, min(entries[i][0] for i in bad))
                 toks = src.tokens_of([b for _, b in entries])

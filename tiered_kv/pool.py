@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .blocks import ImmutableBlock, MutableBlock, _Block
-from .errors import CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
+from .errors import BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
 from .tokens import encode_tokens
@@ -330,12 +330,15 @@ class BlockPool:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
-                new = [(b.block_id, h) for b, h in zip(blocks, hashes) if h not in self._by_hash]
+                new: list[tuple[int, bytes, bytes | None]] = []
                 seen: set[bytes] = set()
-                new = [(s, h) for s, h in new if not (h in seen or seen.add(h))]  # type: ignore[func-returns-value]
+                for i, (b, h) in enumerate(zip(blocks, hashes)):
+                    if h not in self._by_hash and h not in seen:
+                        seen.add(h)
+                        new.append((b.block_id, h, toks[i] if toks is not None else None))
             # Crash ordering lives in the storage: data first, then its registry rows, in one batch.
             if new:
-                self.storage.commit([s for s, _ in new], [h for _, h in new])
+                self.storage.commit([s for s, _, _ in new], [h for _, h, _ in new], [t for _, _, t in new])
             with self._lock:
                 return self._register_locked(blocks, hashes, toks)
 
@@ -746,17 +749,60 @@ class BlockPool:
                     self.events.publish("removed", self.tier, [h for h, _ in dropped])
             self._room.notify_all()
 
+    def compact(self) -> int:
+        """Move stored blocks into the lowest slots so the storage can shrink (the disk tier); returns the moves.
+
+        Blocks that are held, pinned or being filled stay where they are. Registrations wait meanwhile.
+
+        Raises:
+            BlockPoolError: this tier's storage cannot compact (memory tiers have nothing to shrink).
+        """
+        compact = getattr(self.storage, "compact", None)
+        if compact is None:
+            raise BlockPoolError(f"the {self.tier} tier has no storage to compact")
+        self._check_open()
+        lock = self._register_lock or threading.Lock()
+        with lock, self._lock:
+            self._drain_pending()
+            state, refs, pins = self._state, self._refs, self._pins
+            busy = [i for i in range(self._n) if state[i] == _MUTABLE or refs[i] or pins[i] or state[i] == _DOOMED]
+            moves = compact(busy)
+            for h, (old, new) in moves.items():
+                if self._by_hash.get(h) != old:
+                    continue
+                self._by_hash[h] = new
+                self._slot_hash[new], self._slot_hash[old] = h, None
+                self._tokens[new], self._tokens[old] = self._tokens[old], None
+                state[new], state[old] = _REGISTERED, _FREE
+                self._gen[new] += 1
+                self._gen[old] += 1
+            # Slots whose rows the storage dropped as corrupt while moving are gone too.
+            stored = getattr(self.storage, "stored_hashes", None)
+            if stored is not None:
+                alive = stored()
+                lost = [h for h in self._by_hash if h not in alive and refs[self._by_hash[h]] == 0]
+                for h in lost:
+                    slot = self._by_hash.pop(h)
+                    self.policy.remove(h)
+                    state[slot] = _FREE
+                    self._slot_hash[slot] = None
+                self.metrics.corrupt += len(lost)
+            used = {i for i in range(self._n) if state[i] != _FREE}
+            self._free = [i for i in range(self._n - 1, -1, -1) if i not in used]
+            return len(moves)
+
     # ------------------------------------------------------------------------------------------------- helpers
-    def _restore(self, entries: Iterable[tuple[bytes, int]]) -> None:
-        """Rebuild the index from stored ``(hash, slot)`` rows, oldest first (disk tier at open)."""
+    def _restore(self, entries: Iterable[tuple[bytes, int, bytes | None]]) -> None:
+        """Rebuild the index from stored ``(hash, slot, tokens)`` rows, oldest first (disk tier at open)."""
         with self._lock:
             used = set()
-            for h, slot in entries:
+            for h, slot, toks in entries:
                 if not 0 <= slot < self._n or slot in used or h in self._by_hash:
                     continue
                 used.add(slot)
                 self._by_hash[h] = slot
                 self._slot_hash[slot] = h
+                self._tokens[slot] = toks
                 self._state[slot] = _REGISTERED
                 self.policy.insert(h, True)
             self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]

@@ -46,8 +46,10 @@ class BlockStorage(ABC):
     def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
         """Copy ``data`` (``[n, layers, outer, page, inner]``) into many slots in one call."""
 
-    def commit(self, slots: Sequence[int], hashes: Sequence[bytes]) -> None:  # noqa: B027 - optional hook
-        """Make freshly registered blocks durable (disk); memory tiers have nothing to do."""
+    def commit(  # noqa: B027 - optional hook
+        self, slots: Sequence[int], hashes: Sequence[bytes], tokens: Sequence[bytes | None] | None = None
+    ) -> None:
+        """Make freshly registered blocks durable (disk, with their token ids); memory tiers have nothing to do."""
 
     def discard(self, slots: Sequence[int], hashes: Sequence[bytes]) -> None:  # noqa: B027 - optional hook
         """Forget registered blocks before their slots are reused (disk: delete their registry rows)."""

@@ -67,7 +67,9 @@ class DiskStorage(BlockStorage):
         with self._stage_lock:
             self._stage.pop(slot, None)
 
-    def commit(self, slots: Sequence[int], hashes: Sequence[bytes]) -> None:
+    def commit(
+        self, slots: Sequence[int], hashes: Sequence[bytes], tokens: Sequence[bytes | None] | None = None
+    ) -> None:
         # Crash ordering is DiskStore.write_blocks': all data of the batch, then one registry commit.
         with self._stage_lock:
             staged = [self._stage.get(s) for s in slots]
@@ -79,7 +81,7 @@ class DiskStorage(BlockStorage):
                     zeros = torch.zeros(self.model.block_shape, dtype=self.model.torch_dtype)
                 t = zeros
             parts.append(t)
-        self.store.write_blocks(list(hashes), list(slots), torch.stack(parts))
+        self.store.write_blocks(list(hashes), list(slots), torch.stack(parts), tokens)
         with self._stage_lock:
             for s in slots:
                 self._stage.pop(s, None)
@@ -121,9 +123,17 @@ class DiskStorage(BlockStorage):
         """Record hits (last access time, hit count) on stored blocks."""
         self.store.touch(list(hashes))
 
-    def stored_slots(self) -> list[tuple[bytes, int]]:
-        """``(hash, slot)`` of every stored block, least recently used first."""
-        return [(e.hash, e.slot) for e in self.store.entries()]
+    def stored_slots(self) -> list[tuple[bytes, int, bytes | None]]:
+        """``(hash, slot, token ids)`` of every stored block, least recently used first."""
+        return [(e.hash, e.slot, e.tokens) for e in self.store.entries()]
+
+    def stored_hashes(self) -> set[bytes]:
+        """Every hash with a live row."""
+        return {e.hash for e in self.store.entries()}
+
+    def compact(self, exclude: Sequence[int]) -> dict[bytes, tuple[int, int]]:
+        """Move stored blocks to the lowest slots (see ``DiskStore.compact``); returns their moves."""
+        return self.store.compact(exclude)
 
     def flush(self) -> None:
         """Make every committed block durable."""

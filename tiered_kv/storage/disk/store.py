@@ -53,7 +53,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,6 +86,7 @@ _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
 
 # Row field positions (see registry.Row).
 _SLOT, _CSUM, _SIZE, _CREATED, _ACCESS, _HITS = range(6)
+# An optional 7th field holds the block's token ids (bytes); rows without it (older writers) stay valid.
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,11 @@ class Entry:
     created: float
     last_access: float
     hits: int
+    tokens: bytes | None = None  # the block's token ids (uint32 LE) when the writer recorded them
 
 
 def _entry(key: bytes, row: Row) -> Entry:
-    return Entry(key, row[0], row[1], row[2], row[3], row[4], row[5])
+    return Entry(key, row[0], row[1], row[2], row[3], row[4], row[5], row[6] if len(row) > 6 else None)
 
 
 def _checksum(buf: torch.Tensor) -> int:
@@ -408,7 +410,12 @@ class DiskStore:
         bad: list[bytes] = []
         by_slot: dict[int, bytes] = {}
         for key, row in self._rows.items():
-            if not isinstance(row, list) or len(row) != 6 or not isinstance(row[_SLOT], int) or row[_SLOT] < 0:
+            if (
+                not isinstance(row, list)
+                or len(row) not in (6, 7)
+                or not isinstance(row[_SLOT], int)
+                or row[_SLOT] < 0
+            ):
                 bad.append(key)
                 continue
             other = by_slot.get(row[_SLOT])
@@ -481,6 +488,76 @@ class DiskStore:
             len(lost),
         )
 
+    def compact(self, exclude: Iterable[int] = ()) -> dict[bytes, tuple[int, int]]:
+        """Move live blocks into the lowest free slots and shrink the data files to the live extent.
+
+        Crash-safe by the same rules as a write: each moved block is copied to a free slot (no row points there)
+        and synced, then ONE transaction points the rows at their new slots, and only after that commit are the
+        files truncated. A crash at any point leaves every row pointing at intact data. Blocks that fail their
+        checksum while being moved are dropped (counted as corrupt). Slots above the new extent are written
+        again on demand (the files grow) and preallocated again at the next open.
+
+        Args:
+            exclude: slots that must not move (blocks the caller holds or is writing).
+
+        Returns:
+            ``{hash: (old_slot, new_slot)}`` of the moved blocks.
+        """
+        reg = self._check_open(write=True)
+        pinned = set(exclude)
+        with self._commit_lock:
+            with self._lock:
+                rows = dict(self._rows)
+                inflight = set(self._inflight)
+            live = len(rows)
+            used = {row[_SLOT] for row in rows.values()}
+            targets = [s for s in range(live) if s not in used and s not in pinned and s not in inflight]
+            movers = sorted(
+                ((k, row) for k, row in rows.items() if row[_SLOT] >= live and row[_SLOT] not in pinned),
+                key=lambda kr: kr[1][_SLOT],
+            )[: len(targets)]
+            moved: dict[bytes, Row] = {}
+            lost: list[bytes] = []
+            per = max(1, _IO_BATCH_BYTES // self.stride)
+            plan = list(zip(movers, targets))
+            for start in range(0, len(plan), per):
+                batch = plan[start : start + per]
+                buf = aligned_empty(len(batch) * self.block_size).view(len(batch), self.block_size)
+                results = self.backend.pread_blocks(
+                    [self._op(row[_SLOT], buf[i]) for i, ((_, row), _) in enumerate(batch)]
+                )
+                good = []
+                for i, ((key, row), new_slot) in enumerate(batch):
+                    if results[i] is None and _checksum(buf[i]) == row[_CSUM]:
+                        good.append(i)
+                        moved[key] = [new_slot, *row[1:]]
+                    else:
+                        lost.append(key)
+                try:
+                    self.backend.pwrite_blocks([self._op(batch[i][1], buf[i]) for i in good])
+                except OSError as exc:
+                    raise _os_error(exc, f"moving blocks while compacting {self.root}") from exc
+            try:
+                self.backend.sync()  # copies durable before any row points at them
+            except OSError as exc:
+                raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
+            if moved or lost:
+                self._commit(puts=moved, deletes=lost)
+                reg.sync()
+            with self._lock:
+                for key in lost:
+                    self._rows.pop(key, None)
+                self._rows.update(moved)
+                self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
+                self.corrupt_count += len(lost)
+                extent = max(self._by_slot, default=-1) + 1
+                extent = max(extent, max(inflight, default=-1) + 1, max(pinned, default=-1) + 1)
+        # Only after the commit: the slots above the extent hold no live row any more.
+        self._size_files(extent, shrink=True)
+        logger.info("disk tier %s compacted: %d moved, %d corrupt, files cover %d slots", self.root, len(moved),
+                    len(lost), extent)
+        return {k: (rows[k][_SLOT], row[_SLOT]) for k, row in moved.items()}
+
     # -- properties ---------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
@@ -538,8 +615,16 @@ class DiskStore:
             raise
 
     # -- writes -----------------------------------------------------------------------------------
-    def write_blocks(self, hashes: Sequence[bytes], slots: Sequence[int], data: torch.Tensor) -> None:
+    def write_blocks(
+        self,
+        hashes: Sequence[bytes],
+        slots: Sequence[int],
+        data: torch.Tensor,
+        tokens: Sequence[bytes | None] | None = None,
+    ) -> None:
         """Store ``data[i]`` under ``hashes[i]`` in free slot ``slots[i]``; all rows commit together.
+
+        ``tokens[i]``, when given, is recorded in the row (the block's token ids, for verification on match).
 
         Args:
             hashes: sequence hashes, none of them already stored.
@@ -587,7 +672,13 @@ class DiskStore:
                 # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
                 raise _os_error(exc, f"writing {n} blocks to {self.root}") from exc
             now = time.time()
-            rows = {k: [s, c, self.block_size, now, now, 0] for k, s, c in zip(keys, slot_list, checksums, strict=True)}
+            rows: dict[bytes, Row] = {
+                k: [s, c, self.block_size, now, now, 0] for k, s, c in zip(keys, slot_list, checksums, strict=True)
+            }
+            if tokens is not None:
+                for k, t in zip(keys, tokens, strict=True):
+                    if t is not None:
+                        rows[k].append(bytes(t))
             with self._commit_lock:
                 self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
                 with self._lock:
