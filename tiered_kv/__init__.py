@@ -5,7 +5,7 @@ tokens, and move between tiers so that a returning prefix costs a copy instead o
 """
 
 from .blocks import ImmutableBlock, MutableBlock, UnreleasedBlockWarning
-from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig
+from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, RemoteConfig
 from .errors import (
     BlockPoolError,
     ConfigError,
@@ -48,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "MutableBlock",
     "NotEnoughBlocksAvailable",
+    "RemoteConfig",
     "SequenceHash",
     "ShutdownError",
     "TieredKvError",

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
@@ -20,6 +19,7 @@ __all__ = [
     "LayoutConfig",
     "DiskConfig",
     "KvBlockManagerConfig",
+    "RemoteConfig",
     "DTYPES",
     "LAYOUTS",
     "HASH_ALGORITHMS",
@@ -142,6 +142,43 @@ class DiskConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RemoteConfig:
+    """The remote tier: Redis (one server) or Redis Cluster, shared by serving nodes.
+
+    ``url``: "redis://host:port" (or "rediss://" for TLS), or a list of Redis Cluster nodes.
+    ``mode``: "write_back" (blocks evicted from the lowest local tier are written to the remote tier) or
+    "write_through" (every registered block is also written to the remote tier in the background).
+    ``timeout``: seconds after which a remote operation counts as failed (a miss, or a dropped write).
+    """
+
+    url: str | tuple[str, ...] | list[str]
+    mode: str = "write_back"
+    timeout: float = 0.5
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+    ssl_ca_certs: str | None = None
+    max_queued_blocks: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.url, str):
+            urls = [self.url]
+        else:
+            urls = list(self.url) if isinstance(self.url, (list, tuple)) else []
+        if not urls or not all(isinstance(u, str) and u.startswith(("redis://", "rediss://")) for u in urls):
+            raise ConfigError("url", self.url, 'must be "redis://host:port" or a list of them')
+        _choice("mode", self.mode, ("write_back", "write_through"))
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
+            raise ConfigError("timeout", self.timeout, "must be a number of seconds > 0")
+        _positive_int("max_queued_blocks", self.max_queued_blocks)
+
+    @property
+    def urls(self) -> str | list[str]:
+        """One URL (single server) or the list of cluster nodes."""
+        return self.url if isinstance(self.url, str) else list(self.url)
+
+
+@dataclass(frozen=True, kw_only=True)
 class KvBlockManagerConfig:
     """Configuration of a :class:`~tiered_kv.manager.KvBlockManager`; at least one tier must be given."""
 
@@ -153,7 +190,7 @@ class KvBlockManagerConfig:
     hash_algorithm: str = "sha256"
     namespace: str = "default"
     device_type: str = "auto"
-    remote: Any = None
+    remote: RemoteConfig | None = None
 
     def __post_init__(self) -> None:
         from .policies import available_policies
@@ -166,6 +203,8 @@ class KvBlockManagerConfig:
                 raise ConfigError(name, value, "must be a LayoutConfig or None")
         if self.disk is not None and not isinstance(self.disk, DiskConfig):
             raise ConfigError("disk", self.disk, "must be a DiskConfig or None")
+        if self.remote is not None and not isinstance(self.remote, RemoteConfig):
+            raise ConfigError("remote", self.remote, "must be a RemoteConfig or None")
         if self.device is None and self.host is None and self.disk is None:
             raise ConfigError("device", None, "at least one of device, host, disk must be given")
         _choice("eviction", self.eviction, available_policies())

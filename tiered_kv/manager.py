@@ -11,21 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
 
 from .blocks import ImmutableBlock, MutableBlock
 from .config import KvBlockManagerConfig
-from .errors import CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable, ShutdownError
+from .errors import (
+    ConfigError,
+    CorruptBlockError,
+    InvalidBlockError,
+    LayoutMismatchError,
+    NotEnoughBlocksAvailable,
+    ShutdownError,
+)
 from .events import EventBus, KvEvent
 from .hashing import compute_sequence_hashes, hash_length
-from .offload import InflightSource, OffloadScheduler
+from .offload import OffloadScheduler
 from .policies import create_policy
 from .pool import BlockPool
 from .storage.memory import TensorArena
 from .transfer import TransferStreams, copy_between
+
+if TYPE_CHECKING:
+    from .remote import RemotePoolView, RemoteTier
 
 __all__ = ["KvBlockManager"]
 
@@ -34,7 +50,7 @@ log = logging.getLogger("tiered_kv")
 TIERS = ("device", "host", "disk")
 
 #: A source of blocks for a cross-tier match: a pool, or the snapshots queued toward the disk tier.
-Source = BlockPool | InflightSource
+Source = Any  # a BlockPool, an InflightSource (queued snapshots) or the RemoteTier
 
 
 class _Request:
@@ -96,6 +112,11 @@ class KvBlockManager:
             if queued is not None:
                 self._sources.append(queued)
             self._sources.append(pool)
+        self._remote: RemoteTier | None = None
+        if config.remote is not None:
+            self._open_remote(config)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._peers: dict[str, dict[str, Any]] = {}
 
     def _add_pool(self, tier: str, storage: Any, num_blocks: int) -> BlockPool:
         pool = BlockPool(tier, storage, create_policy(self.config.eviction, num_blocks), self._hash_length)
@@ -111,6 +132,100 @@ class KvBlockManager:
         storage = open_disk_storage(self.config, backend)
         pool = self._add_pool("disk", storage, disk.num_blocks)
         pool._restore(storage.stored_slots())
+
+    def _open_remote(self, config: KvBlockManagerConfig) -> None:
+        assert config.remote is not None
+        try:
+            from .remote import RemoteTier
+        except ImportError as exc:  # redis-py is an optional dependency
+            need = "the remote tier needs redis-py: pip install 'tiered_kv[remote]'"
+            raise ConfigError("remote", config.remote, need) from exc
+        remote = RemoteTier(config, config.remote)
+        remote.max_fetch = self._order[0].total_blocks()
+        self._remote = remote
+        self._sources.append(remote)  # looked at last, below disk
+
+        def write(pool: BlockPool, victims: list[tuple[bytes, int]]) -> None:
+            # Under the pool's lock, before the slots are reused. Hashes already remote are not read again.
+            todo = [(h, s) for h, s in victims if h not in remote._known]
+            if not todo:
+                return
+            data, bad = pool.storage.gather([s for _, s in todo])
+            good = [i for i in range(len(todo)) if i not in set(bad)]
+            if good:
+                idx = torch.tensor(good)
+                remote.enqueue([todo[i][0] for i in good], data.index_select(0, idx.to(data.device)))
+
+        if remote.mode == "write_back":
+            bottom = self._order[-1]
+            bottom.set_eviction_handler(partial(write, bottom))
+        else:
+            for pool in self._order:
+                pool.set_stored_handler(partial(write, pool))
+
+    def remote(self) -> RemotePoolView | None:
+        """The remote tier (match, contains, metrics), or None when not configured."""
+        if self._remote is None:
+            return None
+        from .remote import RemotePoolView
+
+        return RemotePoolView(self._remote)
+
+    # --------------------------------------------------------------------------------------------- blocksets
+    def export_local_blockset(self) -> bytes:
+        """A msgpack description of this worker: id, fingerprint, namespace, tiers and the hashes each holds.
+
+        Hashes are packed as one bytes string per tier (concatenated fixed-length hashes), so a blockset of a
+        million blocks is about 32 MB with sha256 and 16 MB with xxh3_128.
+        """
+        doc = {
+            "version": 1,
+            "worker_id": self.worker_id,
+            "fingerprint": self.model.fingerprint(),
+            "namespace": self.config.namespace,
+            "hash_algorithm": self.config.hash_algorithm,
+            "hash_length": self._hash_length,
+            "tiers": {p.tier: {"total_blocks": p.total_blocks(), "hashes": b"".join(p.cached_hashes())}
+                      for p in self._order},
+            "created": time.time(),
+        }
+        return msgpack.packb(doc, use_bin_type=True)
+
+    def import_remote_blockset(self, data: bytes) -> str:
+        """Remember what a peer worker holds (see :meth:`peer_holders`); returns the peer's worker id.
+
+        Raises:
+            LayoutMismatchError: the peer serves another model fingerprint, namespace or hash algorithm.
+            ValueError: ``data`` is not a blockset.
+        """
+        try:
+            doc = msgpack.unpackb(data, raw=False)
+            peer = str(doc["worker_id"])
+            theirs = (doc["fingerprint"], doc["namespace"], doc["hash_algorithm"])
+            n = int(doc["hash_length"])
+            tiers = {t: v["hashes"] for t, v in doc["tiers"].items()}
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            raise ValueError(f"data: not a tiered_kv blockset ({exc})") from exc
+        ours = (self.model.fingerprint(), self.config.namespace, self.config.hash_algorithm)
+        if theirs != ours:
+            raise LayoutMismatchError(
+                f"blockset of worker {peer} is for (fingerprint, namespace, hash algorithm) {theirs}, "
+                f"this manager serves {ours}"
+            )
+        held = {t: {blob[i : i + n] for i in range(0, len(blob), n)} for t, blob in tiers.items()}
+        self._peers[peer] = held
+        return peer
+
+    def peer_holders(self, hashes: Sequence[bytes]) -> dict[str, int]:
+        """For each imported peer, how long a prefix of ``hashes`` it holds (in any of its tiers)."""
+        out = {}
+        for peer, tiers in self._peers.items():
+            allh = set().union(*tiers.values()) if tiers else set()
+            n = 0
+            while n < len(hashes) and hashes[n] in allh:
+                n += 1
+            out[peer] = n
+        return out
 
     # ------------------------------------------------------------------------------------------------ accessors
     def device(self) -> BlockPool | None:
@@ -279,7 +394,7 @@ class KvBlockManager:
                 d += len(entries)
                 src = self._sources[ti]
                 # Blocks failing verification are counted (once) by the source pool, which drops them.
-                bad = copy_between(src, [b for _, b in entries], top, targets, self._streams)  # type: ignore[arg-type]
+                bad = copy_between(src, [b for _, b in entries], top, targets, self._streams)
                 if bad:
                     cut = min(cut, min(entries[i][0] for i in bad))
                 toks = src.tokens_of([b for _, b in entries])
@@ -444,6 +559,9 @@ class KvBlockManager:
         off = self.scheduler.metrics()
         off["corrupt_blocks"] += sum(p.metrics.corrupt for p in self._pools.values())
         out["offload"] = off
+        if self._remote is not None:
+            out["remote"] = self._remote.metrics()
+            off["corrupt_blocks"] += out["remote"]["store"].get("corrupt", 0)
         return out
 
     # ------------------------------------------------------------------------------------------ events, pressure
@@ -561,6 +679,8 @@ class KvBlockManager:
         disk = self._pools.get("disk")
         if disk is not None:
             disk.storage.flush()  # type: ignore[attr-defined]
+        if self._remote is not None:
+            self._remote.drain()
 
     def close(self) -> None:
         """Flush, stop background work and close files; idempotent."""
@@ -575,6 +695,8 @@ class KvBlockManager:
             finally:
                 self._closed = True
                 self.events.close()
+                if self._remote is not None:
+                    self._remote.close()
                 self._close_storages()
 
     def _close_storages(self) -> None:

@@ -97,6 +97,7 @@ class BlockPool:
         self._by_hash: dict[bytes, int] = {}
         self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
         self._on_evict: EvictionHandler | None = None
+        self._on_stored: EvictionHandler | None = None  # write-through hook: new (hash, slot), under the lock
         self._low_free = 0
         self._on_low_free: Callable[[], None] | None = None
         self.events: EventBus | None = None  # set by the manager; publishing is a deque append
@@ -180,6 +181,10 @@ class BlockPool:
     def set_eviction_handler(self, handler: EvictionHandler | None) -> None:
         """Install the callback that sees victims before their slots are reused (the offload scheduler's hook)."""
         self._on_evict = handler
+
+    def set_stored_handler(self, handler: EvictionHandler | None) -> None:
+        """Install the callback that sees newly registered ``(hash, slot)`` pairs (write-through to a remote)."""
+        self._on_stored = handler
 
     def set_pressure_hook(self, low_free: int, hook: Callable[[], None] | None) -> None:
         """Call ``hook`` (cheap, lock-free, e.g. ``Event.set``) when an allocation leaves fewer than ``low_free``
@@ -430,8 +435,11 @@ class BlockPool:
                 out.append(ImmutableBlock(self, existing, gen[existing], h))
         if freed:
             self._room.notify_all()
-        if stored and self.events is not None and self.events.active:
-            self.events.publish("stored", self.tier, stored)
+        if stored:
+            if self._on_stored is not None:
+                self._on_stored([(h, by_hash[h]) for h in stored])
+            if self.events is not None and self.events.active:
+                self.events.publish("stored", self.tier, stored)
         return out
 
     # ------------------------------------------------------------------------------------------------- matching

@@ -1,0 +1,251 @@
+"""The remote tier: blocks shared across serving nodes through Redis, below the disk tier.
+
+* Lookup: a match that misses every local tier asks the remote tier last, with ONE pipelined GET of the
+  remaining prefix (bounded by what the top tier can hold); what comes back verified is promoted like any
+  lower-tier block. Header and checksum failures, timeouts and dead nodes are misses.
+* Placement: ``write_back`` writes the victims of the lowest local tier; ``write_through`` writes every block
+  registered in any local tier (once: hashes known to be remote are remembered). Writes are queued and sent by
+  a background thread in pipelined batches; when the queue is full, writes are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .config import KvBlockManagerConfig, RemoteConfig
+from .storage.remote import RemoteStore
+
+__all__ = ["RemoteTier", "RemoteBlock", "RemotePoolView"]
+
+log = logging.getLogger("tiered_kv.remote")
+
+
+class RemoteBlock:
+    """A block fetched from the remote tier (its bytes travel with the handle until promoted)."""
+
+    __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash", "tokens")
+
+    tier = "remote"
+
+    def __init__(self, source: Any, h: bytes, data: torch.Tensor) -> None:
+        self._pool = source
+        self._released = False
+        self.block_id = -1
+        self.sequence_hash = h
+        self.data = data
+        self.tokens: bytes | None = None
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released
+
+    def layer_view(self, layer: int, outer: int) -> torch.Tensor:
+        """A copy of one layer's K or V."""
+        return self.data[layer, outer].clone()
+
+    def release(self) -> None:
+        """Drop the handle (nothing is held remotely)."""
+        self._released = True
+
+
+class RemoteTier:
+    """The remote store plus its write queue; a match source for the manager."""
+
+    def __init__(self, config: KvBlockManagerConfig, remote: RemoteConfig) -> None:
+        self.config = remote
+        self.mode = remote.mode
+        self.tier = "remote"
+        self.store = RemoteStore(
+            remote.urls,
+            model=config.model,
+            namespace=config.namespace,
+            hash_algorithm=config.hash_algorithm,
+            timeout=remote.timeout,
+            username=remote.username,
+            password=remote.password,
+            ssl=remote.ssl,
+            ssl_ca_certs=remote.ssl_ca_certs,
+        )
+        self._by_hash: dict[bytes, Any] = {}  # nothing is "held" remotely; present for run detection
+        self._known: OrderedDict[bytes, None] = OrderedDict()  # recently written or seen hashes (bounded)
+        self._known_cap = 1 << 20
+        self._queue: deque[tuple[list[bytes], torch.Tensor]] = deque()
+        self._queued = 0
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self.hits = 0
+        self.misses = 0
+        self.writes = 0
+        self.dropped_writes = 0
+        self._thread = threading.Thread(target=self._writer, name="tiered-kv-remote-writer", daemon=True)
+        self._thread.start()
+        self.max_fetch = 1 << 30
+
+    # -------------------------------------------------------------------------------------------- writes
+    def enqueue(self, hashes: Sequence[bytes], data: torch.Tensor) -> None:
+        """Queue blocks for a background write (a snapshot: the caller may reuse its memory)."""
+        keep = [i for i, h in enumerate(hashes) if h not in self._known]
+        if not keep:
+            return
+        with self._cond:
+            room = self.config.max_queued_blocks - self._queued
+            if self._stop:
+                room = 0
+            take = keep[: max(0, room)]
+            self.dropped_writes += len(keep) - len(take)
+            if not take:
+                return
+            self._queued += len(take)
+        snap = data.index_select(0, torch.tensor(take, device=data.device)).to("cpu")
+        queued = [hashes[i] for i in take]
+        self._remember(queued)  # queued counts as known: another tier registering it must not queue it twice
+        with self._cond:
+            self._queue.append((queued, snap))
+            self._cond.notify()
+
+    def _writer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                hashes, data = self._queue.popleft()
+                self._busy += 1
+            try:
+                written = self.store.put_blocks(hashes, data)
+                self.writes += written
+                if written != len(hashes):
+                    self.dropped_writes += len(hashes) - written
+                    self._forget(hashes)  # which ones failed is unknown: let a later eviction try again
+            except Exception:  # a writer thread must survive anything; the failure is logged and counted
+                log.exception("remote write of %d blocks failed", len(hashes))
+                self.dropped_writes += len(hashes)
+                self._forget(hashes)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._queued -= len(hashes)
+                    self._cond.notify_all()
+
+    def _remember(self, hashes: Sequence[bytes]) -> None:
+        known = self._known
+        for h in hashes:
+            known[h] = None
+            known.move_to_end(h)
+        while len(known) > self._known_cap:
+            known.popitem(last=False)
+
+    def _forget(self, hashes: Sequence[bytes]) -> None:
+        for h in hashes:
+            self._known.pop(h, None)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until queued writes are sent; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.1 if left is None else min(left, 0.1))
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (up to ``timeout``), then stop and disconnect."""
+        if not self.drain(timeout):
+            log.warning("remote tier: %d queued writes dropped at close", self._queued)
+        with self._cond:
+            self._stop = True
+            self.dropped_writes += sum(len(h) for h, _ in self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        self.store.close()
+
+    # ---------------------------------------------------------------------------------------------- reads
+    def __contains__(self, h: object) -> bool:
+        # The manager asks every source per hash; the remote tier is only worth a round trip in _match_run.
+        return True
+
+    def _match_run(
+        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
+    ) -> list[RemoteBlock]:
+        want: list[bytes] = []
+        for i in range(start, min(len(hashes), start + self.max_fetch)):
+            h = hashes[i]
+            if want and any(h in p._by_hash for p in higher):
+                break
+            want.append(h)
+        if not want:
+            return []
+        data, ok = self.store.get_blocks(want)
+        out: list[RemoteBlock] = []
+        for i, h in enumerate(want):
+            if not ok[i]:
+                break
+            out.append(RemoteBlock(self, h, data[i]))
+        self.hits += len(out)
+        self.misses += 1 if len(out) < len(want) else 0
+        if out:
+            self._remember([b.sequence_hash for b in out])
+        return out
+
+    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        data = torch.stack([b.data for b in blocks])
+        if out is not None:
+            out.copy_(data)
+            return out, []
+        return data, []
+
+    def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
+        return [None for _ in blocks]
+
+    def release_blocks(self, blocks: Sequence[Any]) -> None:
+        for b in blocks:
+            b._released = True
+
+    def metrics(self) -> dict[str, Any]:
+        """The tier's counters (hits/misses as seen by matches) and the store's."""
+        looked = self.hits + self.misses
+        return {
+            "mode": self.mode,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / looked if looked else 0.0,
+            "writes": self.writes,
+            "dropped_writes": self.dropped_writes,
+            "queue_depth": self._queued,
+            "evictions": 0,  # Redis's maxmemory policy evicts; see the server's evicted_keys
+            "store": self.store.metrics(),
+        }
+
+
+class RemotePoolView:
+    """``bm.remote()``: match and metrics of the remote tier alone (no promotion)."""
+
+    tier = "remote"
+
+    def __init__(self, remote: RemoteTier) -> None:
+        self._remote = remote
+
+    def match_sequence_hashes(self, hashes: Sequence[bytes]) -> list[RemoteBlock]:
+        """The longest prefix of ``hashes`` the remote tier holds, fetched and verified."""
+        return self._remote._match_run(list(hashes), 0, ())
+
+    def contains(self, hashes: Sequence[bytes]) -> list[bool]:
+        """Which hashes the remote tier holds (one pipelined EXISTS; nothing is fetched)."""
+        return self._remote.store.exists(list(hashes))
+
+    def metrics(self) -> dict[str, Any]:
+        """See :meth:`RemoteTier.metrics`."""
+        return self._remote.metrics()
