@@ -23,7 +23,7 @@ def main() -> None:
 
 def _register() -> None:
     # Each command group lives in its own module; importing it attaches it to ``main``.
-    from . import disk, stress  # noqa: F401
+    from . import demo, disk, stress  # noqa: F401
 
 
 _register()
