@@ -142,3 +142,15 @@ def test_corrupt_disk_block_is_a_miss_and_dropped(tmp_path: Path) -> None:
         again = bm.match_sequence_hashes(hs)
         assert len(again) == 2
         bm.top.release_blocks(again)
+
+
+def test_persist_writes_memory_tiers_to_disk(tmp_path: Path) -> None:
+    with KvBlockManager(config(tmp_path)) as bm:
+        hs = bm.sequence_hashes(list(range(4 * 4)))
+        store(bm, hs)  # 4 blocks: they fit in the device tier, nothing was demoted
+        assert bm.persist() >= 1
+    with KvBlockManager(config(tmp_path, device=None, host=None)) as bm:
+        got = bm.match_sequence_hashes(hs)
+        assert len(got) == 4
+        check(got)
+        bm.top.release_blocks(got)

@@ -259,3 +259,15 @@ def test_request_level_api(two_tier: KvBlockManager) -> None:
         bm.free_request("r1")
     with pytest.raises(ValueError, match="num_tokens"):
         bm.allocate_for_request("r3", -1)
+
+
+def test_cleaner_does_not_churn_when_host_is_smaller_than_device(tmp_path: Path) -> None:
+    cfg = KvBlockManagerConfig(
+        model=SMALL, device=LayoutConfig(num_blocks=8), host=LayoutConfig(num_blocks=4), device_type="cpu"
+    )
+    with KvBlockManager(cfg) as bm:
+        store(bm, bm.sequence_hashes(list(range(4 * 12))))
+        time.sleep(0.3)
+        before = bm.metrics()["offload"]["demotions"]
+        time.sleep(0.5)  # idle: nothing should be copied any more
+        assert bm.metrics()["offload"]["demotions"] - before <= 2

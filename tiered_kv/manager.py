@@ -682,6 +682,28 @@ class KvBlockManager:
         if self._remote is not None:
             self._remote.drain()
 
+    def persist(self) -> int:
+        """Copy every block of the memory tiers that the disk tier lacks down to disk, then flush.
+
+        Demotion is write-back (on eviction), so without this what sits in the device and host tiers at exit is
+        gone for the next process. Blocks stay where they are; the disk tier's own policy makes room (it may
+        evict its coldest blocks). Returns how many blocks were written.
+        """
+        self._check_open()
+        disk = self._pools.get("disk")
+        if disk is None:
+            return 0
+        self.scheduler.drain()
+        written = 0
+        for pool in self._order:
+            if pool is disk:
+                continue
+            todo = [h for h in pool.cached_hashes() if h not in disk]
+            for i in range(0, len(todo), 256):
+                written += self.scheduler.copy_down(pool, disk, todo[i : i + 256])
+        self.flush()
+        return written
+
     def close(self) -> None:
         """Flush, stop background work and close files; idempotent."""
         with self._close_lock:

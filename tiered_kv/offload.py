@@ -448,34 +448,60 @@ class OffloadScheduler:
         reserve = len(upper._free) + len(upcoming) - len(dirty)
         n = budget if budget is not None else want - reserve
         candidates = dirty[: max(0, min(n, self.clean_batch))]
+        candidates = candidates[: self._room_below(upper, lower, len(candidates))]
         if not candidates:
             return 0
         if inflight is not None:
             with self._cond:  # bounded like the eviction path: never grow the disk backlog without limit
                 if self._queued_blocks >= self.max_queued_blocks:
                     return 0
-        held = upper.acquire(candidates)
+        n_ok = self.copy_down(upper, lower, candidates)
+        self.counters.add(cleaned=n_ok)
+        return n_ok
+
+    def copy_down(self, upper: BlockPool, lower: BlockPool, hashes: Sequence[bytes]) -> int:
+        """Copy the blocks of ``hashes`` that ``upper`` holds into ``lower`` while they stay in ``upper``.
+
+        The blocks are held during the copy (matchable, never evicted mid-copy); as many as ``lower`` has room
+        for are copied, in one batch. Returns how many were registered below.
+        """
+        held = upper.acquire(hashes)
         try:
             if not held:
                 return 0
             dst = self._allocate_some(lower, len(held))
-            held_now, rest = held[: len(dst)], held[len(dst) :]
-            upper.release_blocks(rest)
+            held_now = held[: len(dst)]
             if not dst:
                 return 0
-            bad = copy_between(upper, held_now, lower, dst, self.streams)
-            good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in set(bad)]
-            lower.release_blocks([d for i, d in enumerate(dst) if i in set(bad)])
+            bad = set(copy_between(upper, held_now, lower, dst, self.streams))
+            good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in bad]
+            lower.release_blocks([d for i, d in enumerate(dst) if i in bad])
             if good:
                 toks = upper.tokens_of([b for b, _ in good])
                 registered = lower.register_blocks([d for _, d in good], [b.sequence_hash for b, _ in good], toks)
                 lower.release_blocks(registered)
             n_ok = len(good)
-            self.counters.add(demotions=n_ok, bytes_demoted=n_ok * self._block_bytes, cleaned=n_ok)
+            self.counters.add(demotions=n_ok, bytes_demoted=n_ok * self._block_bytes)
             self.counters.pair(f"{upper.tier}->{lower.tier}", n_ok)
             return n_ok
         finally:
             upper.release_blocks(held)
+
+    @staticmethod
+    def _room_below(upper: BlockPool, lower: BlockPool, n: int) -> int:
+        """How many clean copies ``lower`` can take without evicting a copy that backs an ``upper`` block.
+
+        Evicting such a copy would make its upper block dirty again: with a lower tier smaller than the upper
+        one, cleaning would then chase its own tail forever.
+        """
+        room = len(lower._free)
+        if room >= n:
+            return n
+        for h in lower.eviction_candidates(n - room):
+            if h in upper:
+                break
+            room += 1
+        return min(n, room)
 
     def _reserve(self, pool: BlockPool) -> int:
         """Free-or-clean blocks the cleaner keeps in ``pool`` (the low watermark)."""
