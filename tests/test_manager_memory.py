@@ -38,7 +38,8 @@ def test_demotion_and_promotion_keep_bytes(two_tier: KvBlockManager) -> None:
     hs = bm.sequence_hashes(list(range(40)))  # 10 blocks through a 4-block device tier
     store(bm, hs)
     off = bm.metrics()["offload"]
-    assert off["demotions"] == 6 and off["bytes_demoted"] == 6 * SMALL.block_size_bytes
+    # 6 victims were copied down; the cleaner may have copied more ahead of need (inclusive tiers).
+    assert off["demotions"] >= 6 and off["bytes_demoted"] == off["demotions"] * SMALL.block_size_bytes
     got = bm.match_sequence_hashes(hs)
     # The device tier holds 4 blocks: the longest prefix it can hold, its own later blocks evicted to make room.
     assert [b.sequence_hash for b in got] == hs[:4]

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from .blocks import ImmutableBlock, MutableBlock
+from .errors import InvalidBlockError
 from .pool import BlockPool
+from .storage.memory import TensorArena, copy_arena_slots
 
 __all__ = ["copy_between", "TransferStreams"]
 
@@ -54,6 +56,26 @@ def copy_between(
     if not src:
         return []
     stream = streams.stream() if streams is not None else None
+    direct = isinstance(getattr(src_pool, "storage", None), TensorArena) and isinstance(dst_pool.storage, TensorArena)
+    if direct:
+        # Arena to arena: no gather tensor, one copy per run of consecutive slots (DMA from pinned memory).
+        for i, b in enumerate(dst):
+            if type(b) is not MutableBlock or b.released or b.pool is not dst_pool:
+                raise InvalidBlockError(f"dst[{i}]: {b!r} is not a live MutableBlock of the {dst_pool.tier} pool")
+        for i, s in enumerate(src):
+            if s.released or s.pool is not src_pool:
+                raise InvalidBlockError(f"src[{i}]: {s!r} is released or from another pool")
+        src_arena, dst_arena = src_pool.storage, dst_pool.storage
+        assert isinstance(src_arena, TensorArena) and isinstance(dst_arena, TensorArena)
+        if stream is None:
+            copy_arena_slots(src_arena, [b.block_id for b in src], dst_arena, [b.block_id for b in dst])
+            return []
+        with torch.cuda.stream(stream):
+            copy_arena_slots(src_arena, [b.block_id for b in src], dst_arena, [b.block_id for b in dst])
+            event = torch.cuda.Event()
+            event.record(stream)
+        event.synchronize()
+        return []
     if stream is None:
         data, bad = src_pool.gather(src)
         dst_pool.scatter(dst, data)

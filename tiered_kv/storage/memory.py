@@ -107,3 +107,33 @@ class TensorArena(BlockStorage):
         else:
             for layer, t in enumerate(self._layers):
                 t.index_copy_(0, idx, data[:, layer])
+
+
+def _runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Coalesce slot pairs into ``(src_start, dst_start, length)`` runs of consecutive slots on both sides."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+
+
+def copy_arena_slots(src: TensorArena, src_slots: Sequence[int], dst: TensorArena, dst_slots: Sequence[int]) -> None:
+    """Copy blocks straight from one arena to another, one copy per run of consecutive slots.
+
+    No staging tensor: between a pinned host arena and a CUDA arena every copy is an asynchronous DMA on the
+    current stream (the caller synchronises), which is what makes host<->device copies run at link speed.
+    """
+    non_blocking = src.device.type != dst.device.type and (src.pinned or dst.pinned)
+    pairs = [(src._whole, dst._whole)] if src._whole is not None and dst._whole is not None else None
+    for s0, d0, n in _runs(src_slots, dst_slots):
+        if pairs is not None:
+            for a, b in pairs:
+                b[d0 : d0 + n].copy_(a[s0 : s0 + n], non_blocking=non_blocking)
+        else:
+            for a, b in zip(src._layers, dst._layers):
+                b[d0 : d0 + n].copy_(a[s0 : s0 + n], non_blocking=non_blocking)
