@@ -154,3 +154,23 @@ def test_persist_writes_memory_tiers_to_disk(tmp_path: Path) -> None:
         assert len(got) == 4
         check(got)
         bm.top.release_blocks(got)
+
+
+def test_persist_races_no_cleaner_into_evicting_its_own_copies(tmp_path: Path) -> None:
+    # Found by tools/bench_ttft.py: persist and the cleaner copied the same blocks at once, and the surplus
+    # allocations on a nearly full disk tier evicted the prefix that had just been written.
+    cfg = config(tmp_path, device=LayoutConfig(num_blocks=520), host=None,
+                 disk=DiskConfig(path=str(tmp_path), num_blocks=520, backend="posix"))
+    with KvBlockManager(cfg) as bm:
+        hs = bm.sequence_hashes(list(range(4 * 508)))
+        blocks = bm.top.allocate_blocks(508)
+        for b, h in zip(blocks, hs):
+            fill(b, h)
+        bm.top.release_blocks(bm.top.register_blocks(blocks, hs))
+        bm.persist()
+        assert bm.metrics()["disk"]["evictions"] == 0
+    with KvBlockManager(config(tmp_path, device=None, host=None,
+                               disk=DiskConfig(path=str(tmp_path), num_blocks=520, backend="posix"))) as bm:
+        got = bm.match_sequence_hashes(hs)
+        assert len(got) == 508
+        bm.top.release_blocks(got)

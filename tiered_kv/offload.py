@@ -271,6 +271,7 @@ class OffloadScheduler:
         self._cond = threading.Condition()
         self._stop = False
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._copy_locks: dict[tuple[str, str], threading.Lock] = {}
         self.inflight: dict[str, InflightSource] = {}
         self._threads: list[threading.Thread] = []
         self._block_bytes = pools[0].model.block_size_bytes
@@ -465,6 +466,12 @@ class OffloadScheduler:
         The blocks are held during the copy (matchable, never evicted mid-copy); as many as ``lower`` has room
         for are copied, in one batch. Returns how many were registered below.
         """
+        # One copier per tier pair at a time (the cleaner, persist): two copiers of the same hashes would each
+        # allocate room below, and the surplus would evict blocks just copied.
+        with self._copy_locks.setdefault((upper.tier, lower.tier), threading.Lock()):
+            return self._copy_down_locked(upper, lower, [h for h in hashes if h not in lower])
+
+    def _copy_down_locked(self, upper: BlockPool, lower: BlockPool, hashes: Sequence[bytes]) -> int:
         held = upper.acquire(hashes)
         try:
             if not held:

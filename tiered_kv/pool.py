@@ -465,26 +465,9 @@ class BlockPool:
         return [enc[i * width : (i + 1) * width] for i in range(n)]
 
     def _match_locked(self, hashes: list[bytes], expected: list[bytes] | None = None) -> list[ImmutableBlock]:
-        if self._pending:
-            self._drain_pending()
-        by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
-        policy = self.policy
-        tokens = self._tokens
-        out = []
-        for i, h in enumerate(hashes):
-            slot = by_hash.get(h)
-            if slot is None or (expected is not None and tokens[slot] not in (None, expected[i])):
-                self.metrics.misses += 1
-                break
-            r = refs[slot]
-            if r == 0 and not pins[slot]:
-                policy.set_evictable(h, False)
-            refs[slot] = r + 1
-            policy.touch(h)
-            out.append(ImmutableBlock(self, slot, gen[slot], h))
-        self.metrics.hits += len(out)
-        if out and self._persistent:
-            self.storage.touch([b.sequence_hash for b in out])
+        out = self._take_run(hashes, 0, (), expected)
+        if len(out) < len(hashes):
+            self.metrics.misses += 1
         return out
 
     def _match_run(
@@ -497,28 +480,35 @@ class BlockPool:
         """
         self._check_open()
         with self._lock:
+            return self._take_run(hashes, start, higher, expected)
+
+    def _take_run(
+        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None
+    ) -> list[ImmutableBlock]:
+        """Reference the run of ``hashes[start:]`` held here (see :meth:`_match_run`); counts hits. Lock held."""
+        if self._pending:
             self._drain_pending()
-            by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
-            policy = self.policy
-            tokens = self._tokens
-            out: list[ImmutableBlock] = []
-            for i in range(start, len(hashes)):
-                h = hashes[i]
-                slot = by_hash.get(h)
-                if slot is None or (out and any(h in p._by_hash for p in higher)):
-                    break
-                if expected is not None and tokens[slot] not in (None, expected[i]):
-                    break
-                r = refs[slot]
-                if r == 0 and not pins[slot]:
-                    policy.set_evictable(h, False)
-                refs[slot] = r + 1
-                policy.touch(h)
-                out.append(ImmutableBlock(self, slot, gen[slot], h))
-            self.metrics.hits += len(out)
-            if out and self._persistent:
-                self.storage.touch([b.sequence_hash for b in out])
-            return out
+        by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
+        policy = self.policy
+        tokens = self._tokens
+        out: list[ImmutableBlock] = []
+        for i in range(start, len(hashes)):
+            h = hashes[i]
+            slot = by_hash.get(h)
+            if slot is None or (out and higher and any(h in p._by_hash for p in higher)):
+                break
+            if expected is not None and tokens[slot] not in (None, expected[i]):
+                break
+            r = refs[slot]
+            if r == 0 and not pins[slot]:
+                policy.set_evictable(h, False)
+            refs[slot] = r + 1
+            policy.touch(h)
+            out.append(ImmutableBlock(self, slot, gen[slot], h))
+        self.metrics.hits += len(out)
+        if out and self._persistent:
+            self.storage.touch([b.sequence_hash for b in out])
+        return out
 
     def acquire(self, sequence_hashes: Sequence[bytes]) -> list[ImmutableBlock]:
         """Take a reference on every present hash (not a prefix match; not counted as hits). For internal movers."""

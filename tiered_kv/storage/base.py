@@ -46,6 +46,15 @@ class BlockStorage(ABC):
     def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
         """Copy ``data`` (``[n, layers, outer, page, inner]``) into many slots in one call."""
 
+    def check_batch(self, n: int, data: torch.Tensor) -> None:
+        """Refuse data that is not ``[n, layers, outer, page, inner]`` of the model dtype (no broadcasting)."""
+        expected = (n, *self.model.block_shape)
+        if tuple(data.shape) != expected or data.dtype != self.model.torch_dtype:
+            raise ValueError(
+                f"data: expected shape {expected} and dtype {self.model.torch_dtype}, "
+                f"got {tuple(data.shape)} and {data.dtype}"
+            )
+
     def commit(  # noqa: B027 - optional hook
         self, slots: Sequence[int], hashes: Sequence[bytes], tokens: Sequence[bytes | None] | None = None
     ) -> None:

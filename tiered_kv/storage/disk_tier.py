@@ -52,12 +52,7 @@ class DiskStorage(BlockStorage):
         return self._staged(slot)[layer, outer]
 
     def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
-        expected = (len(slots), *self.model.block_shape)
-        if tuple(data.shape) != expected or data.dtype != self.model.torch_dtype:
-            raise ValueError(
-                f"data: expected shape {expected} and dtype {self.model.torch_dtype}, "
-                f"got {tuple(data.shape)} and {data.dtype}"
-            )
+        self.check_batch(len(slots), data)
         host = data.to("cpu")
         with self._stage_lock:
             for i, slot in enumerate(slots):
@@ -125,11 +120,11 @@ class DiskStorage(BlockStorage):
 
     def stored_slots(self) -> list[tuple[bytes, int, bytes | None]]:
         """``(hash, slot, token ids)`` of every stored block, least recently used first."""
-        return [(e.hash, e.slot, e.tokens) for e in self.store.entries()]
+        return self.store.slot_order()
 
     def stored_hashes(self) -> set[bytes]:
         """Every hash with a live row."""
-        return {e.hash for e in self.store.entries()}
+        return {h for h, _, _ in self.store.slot_order()}
 
     def compact(self, exclude: Sequence[int]) -> dict[bytes, tuple[int, int]]:
         """Move stored blocks to the lowest slots (see ``DiskStore.compact``); returns their moves."""

@@ -93,12 +93,7 @@ class TensorArena(BlockStorage):
         return data, []
 
     def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
-        expected = (len(slots), *self.model.block_shape)
-        if tuple(data.shape) != expected or data.dtype != self.model.torch_dtype:
-            raise ValueError(
-                f"data: expected shape {expected} and dtype {self.model.torch_dtype}, "
-                f"got {tuple(data.shape)} and {data.dtype}"
-            )
+        self.check_batch(len(slots), data)
         idx = self._index(slots)
         if data.device != self.device:
             data = data.to(self.device, non_blocking=self.pinned or data.is_pinned())

@@ -448,28 +448,7 @@ class DiskStore:
         used_low = {row[_SLOT] for _, row in keep if row[_SLOT] < capacity}
         free_low = (s for s in range(capacity) if s not in used_low)
         movers = [(key, row, next(free_low)) for key, row in keep if row[_SLOT] >= capacity]
-        moved: dict[bytes, Row] = {}
-        lost: list[bytes] = []
-        per = max(1, _IO_BATCH_BYTES // self.stride)
-        for start in range(0, len(movers), per):
-            batch = movers[start : start + per]
-            buf = aligned_empty(len(batch) * self.block_size).view(len(batch), self.block_size)
-            results = self.backend.pread_blocks([self._op(row[_SLOT], buf[i]) for i, (_, row, _) in enumerate(batch)])
-            good = []
-            for i, (key, row, new_slot) in enumerate(batch):
-                if results[i] is None and _checksum(buf[i]) == row[_CSUM]:
-                    good.append(i)
-                    moved[key] = [new_slot, *row[1:]]
-                else:
-                    lost.append(key)
-            try:
-                self.backend.pwrite_blocks([self._op(batch[i][2], buf[i]) for i in good])
-            except OSError as exc:
-                raise _os_error(exc, f"moving blocks while shrinking {self.root}") from exc
-        try:
-            self.backend.sync()  # copies durable before any row points at them (rule 1)
-        except OSError as exc:
-            raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
+        moved, lost = self._copy_to_slots(movers, "shrinking")
         if lost:
             self.corrupt_count += len(lost)
             logger.warning("disk tier %s: %d blocks failed their checksum while shrinking", self.root, len(lost))
@@ -487,6 +466,37 @@ class DiskStore:
             len(moved),
             len(lost),
         )
+
+    def _copy_to_slots(
+        self, movers: Sequence[tuple[bytes, Row, int]], why: str
+    ) -> tuple[dict[bytes, Row], list[bytes]]:
+        """Copy blocks to free slots (verified on the way) and sync; rows are the caller's to commit after.
+
+        Returns the rows pointing at the new slots, and the hashes whose old copy failed its checksum.
+        """
+        moved: dict[bytes, Row] = {}
+        lost: list[bytes] = []
+        per = max(1, _IO_BATCH_BYTES // self.stride)
+        for start in range(0, len(movers), per):
+            batch = movers[start : start + per]
+            buf = aligned_empty(len(batch) * self.block_size).view(len(batch), self.block_size)
+            results = self.backend.pread_blocks([self._op(row[_SLOT], buf[i]) for i, (_, row, _) in enumerate(batch)])
+            good = []
+            for i, (key, row, new_slot) in enumerate(batch):
+                if results[i] is None and _checksum(buf[i]) == row[_CSUM]:
+                    good.append(i)
+                    moved[key] = [new_slot, *row[1:]]
+                else:
+                    lost.append(key)
+            try:
+                self.backend.pwrite_blocks([self._op(batch[i][2], buf[i]) for i in good])
+            except OSError as exc:
+                raise _os_error(exc, f"moving blocks while {why} {self.root}") from exc
+        try:
+            self.backend.sync()  # copies durable before any row points at them (rule 1)
+        except OSError as exc:
+            raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
+        return moved, lost
 
     def compact(self, exclude: Iterable[int] = ()) -> dict[bytes, tuple[int, int]]:
         """Move live blocks into the lowest free slots and shrink the data files to the live extent.
@@ -516,31 +526,9 @@ class DiskStore:
                 ((k, row) for k, row in rows.items() if row[_SLOT] >= live and row[_SLOT] not in pinned),
                 key=lambda kr: kr[1][_SLOT],
             )[: len(targets)]
-            moved: dict[bytes, Row] = {}
-            lost: list[bytes] = []
-            per = max(1, _IO_BATCH_BYTES // self.stride)
-            plan = list(zip(movers, targets))
-            for start in range(0, len(plan), per):
-                batch = plan[start : start + per]
-                buf = aligned_empty(len(batch) * self.block_size).view(len(batch), self.block_size)
-                results = self.backend.pread_blocks(
-                    [self._op(row[_SLOT], buf[i]) for i, ((_, row), _) in enumerate(batch)]
-                )
-                good = []
-                for i, ((key, row), new_slot) in enumerate(batch):
-                    if results[i] is None and _checksum(buf[i]) == row[_CSUM]:
-                        good.append(i)
-                        moved[key] = [new_slot, *row[1:]]
-                    else:
-                        lost.append(key)
-                try:
-                    self.backend.pwrite_blocks([self._op(batch[i][1], buf[i]) for i in good])
-                except OSError as exc:
-                    raise _os_error(exc, f"moving blocks while compacting {self.root}") from exc
-            try:
-                self.backend.sync()  # copies durable before any row points at them
-            except OSError as exc:
-                raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
+            moved, lost = self._copy_to_slots(
+                [(key, row, new_slot) for (key, row), new_slot in zip(movers, targets)], "compacting"
+            )
             if moved or lost:
                 self._commit(puts=moved, deletes=lost)
                 reg.sync()
@@ -829,16 +817,29 @@ class DiskStore:
 
     def entries(self) -> list[Entry]:
         """All live blocks, least recently used first, ties by slot (to rebuild the pool's bookkeeping at open)."""
-        self.refresh()
         with gc_paused():
-            with self._lock:
-                items = [(k, *r) for k, r in self._rows.items()]
-            # numpy's argsort on the access times: ~5x faster than sorting a million Python tuples.
-            # Ties (one batch shares a timestamp) are broken by slot so the order is the same after a reopen.
-            access = np.fromiter((it[5] for it in items), dtype=np.float64, count=len(items))
-            slots = np.fromiter((it[1] for it in items), dtype=np.int64, count=len(items))
-            order = np.lexsort((slots, access)).tolist()
-            return [Entry(*items[i]) for i in order]
+            items, order = self._lru_order()
+            return [_entry(items[i][0], items[i][1]) for i in order]
+
+    def slot_order(self) -> list[tuple[bytes, int, bytes | None]]:
+        """``(hash, slot, token ids)`` of every live block in :meth:`entries` order, without building entries.
+
+        What a pool needs to rebuild its bookkeeping at open; about twice as fast as :meth:`entries` on a
+        million rows.
+        """
+        with gc_paused():
+            items, order = self._lru_order()
+            return [(k, r[_SLOT], r[6] if len(r) > 6 else None) for k, r in (items[i] for i in order)]
+
+    def _lru_order(self) -> tuple[list[tuple[bytes, Row]], list[int]]:
+        self.refresh()
+        with self._lock:
+            items = list(self._rows.items())
+        # numpy's argsort on the access times: ~5x faster than sorting a million Python tuples.
+        # Ties (one batch shares a timestamp) are broken by slot so the order is the same after a reopen.
+        access = np.fromiter((r[_ACCESS] for _, r in items), dtype=np.float64, count=len(items))
+        slots = np.fromiter((r[_SLOT] for _, r in items), dtype=np.int64, count=len(items))
+        return items, np.lexsort((slots, access)).tolist()
 
     def lookup(self, hash: bytes) -> Entry | None:
         """The entry of ``hash``, or None. Read-only openers look in the registry's latest state."""

@@ -1,0 +1,119 @@
+"""All of tiered_kv's figures in one table, each against a baseline measured in the same run.
+
+    python tools/bench.py [--quick] [--json]
+
+Runs the individual benchmarks (each also runnable on its own, with --json):
+  tools/bench_hashing.py   hashing 128k tokens vs a naive chained sha256(pickle) loop
+  tools/bench_pool.py      pool bookkeeping vs a dict + OrderedDict pool; eviction policy cost
+  tools/bench_disk.py      disk tier write/read vs fio (O_DIRECT psync and libaio iodepth 16) in the same directory
+  tools/bench_ttft.py      TTFT with the prefix restored from disk after a restart vs a full prefill
+  tools/bench_offload.py   promotion latency, churn, and (CUDA only) host<->device vs a plain pinned copy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(tool: str, *args: str) -> Any:
+    """Run one benchmark tool with --json and return its parsed output (None if it failed)."""
+    proc = subprocess.run([sys.executable, str(HERE / tool), *args, "--json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{tool} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    text = proc.stdout.strip()
+    try:
+        return json.loads(text)  # pretty-printed
+    except json.JSONDecodeError:
+        return json.loads(text.splitlines()[-1])  # one JSON object on the last line
+
+
+def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
+    """(figure, value, baseline, ratio) rows."""
+    out: list[tuple[str, str, str, float | None]] = []
+    h = run("bench_hashing.py", *(["--repeat", "5"] if quick else []))
+    if h:
+        naive = next(r for r in h["rows"] if r["impl"].startswith("naive"))
+        for r in h["rows"]:
+            if r["impl"].startswith("tiered_kv"):
+                out.append((f"hash 128k tokens, {r['impl'].split()[1]}, {r['input']}",
+                            f"{r['tokens_per_s'] / 1e6:.0f} Mtok/s",
+                            f"naive {naive['tokens_per_s'] / 1e6:.0f} Mtok/s", r["speedup"]))
+    p = run("bench_pool.py", *(["--blocks", "16000"] if quick else []))
+    if p:
+        naive = p[0]["value"]
+        for r in p[1:]:
+            if r["unit"] == "blocks/s":
+                out.append((r["name"], f"{r['value']:,.0f} blocks/s", f"naive {naive:,.0f}", r["ratio"]))
+            else:
+                out.append((r["name"], f"{r['value']:.2f} us", "", None))
+    d = run("bench_disk.py", "--quick")
+    if d:
+        for size, v in d["blocks"].items():
+            for op in ("write", "read"):
+                ours = v["store"][f"{op}_MBps"]
+                base = (v.get("fio_psync") or {}).get(f"{op}_MBps")
+                aio = (v.get("fio_libaio16") or {}).get(f"{op}_MBps")
+                extra = f", libaio16 {aio:,.0f} ({ours / aio:.2f}x)" if aio else ""
+                out.append((f"disk {op} {size} blocks", f"{ours:,.0f} MB/s",
+                            f"fio psync {base:,.0f} MB/s{extra}" if base else "fio missing",
+                            ours / base if base else None))
+        for mode, rps in d.get("registry_rows_per_s", {}).items():
+            out.append((f"registry group commit ({mode})", f"{rps:,.0f} rows/s", "", None))
+    t = run("bench_ttft.py", *(["--lengths", "4096", "8192"] if quick else ["--lengths", "4096", "8192", "16384",
+                                                                                "32768"]))
+    if t:
+        for r in t["rows"]:
+            out.append((f"TTFT {r['tokens'] // 1024}k prompt, prefix from disk after restart",
+                        f"{r['ttft_restore_s'] * 1e3:,.0f} ms", f"recompute {r['ttft_recompute_s'] * 1e3:,.0f} ms",
+                        r["speedup"]))
+    o = run("bench_offload.py")
+    if o:
+        for name, v in o["promotion"].items():
+            out.append((f"promotion {name} ({o['block_bytes'] // 1024} KiB blocks)",
+                        f"{v['per_block_us']:.0f} us/block", f"{v['GB/s']:.2f} GB/s", None))
+        for c in o["churn"]:
+            out.append((f"allocate under churn ({c['compute_ms_per_16_blocks']:.0f} ms compute / 16 blocks)",
+                        f"p50 {c['allocate_p50_us']:.0f} us, p99 {c['allocate_p99_us']:.0f} us",
+                        f"{c['dropped_demotions']} demotions dropped", None))
+        cuda = o["cuda"]
+        for c in cuda if isinstance(cuda, list) else []:
+            if "ratio" not in c:  # skipped: no CUDA here
+                continue
+            out.append((f"host->device, {c['block_KiB']} KiB blocks", f"{c['tiered_kv_h2d_GB/s']:.1f} GB/s",
+                        f"plain pinned copy_ {c['plain_h2d_GB/s']:.1f} GB/s", c["ratio"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+               f"torch {torch.__version__}, {gpu}")
+    table = rows(args.quick)
+    if args.json:
+        print(json.dumps({"machine": machine, "rows": [dict(zip(("figure", "value", "baseline", "ratio"), r))
+                                                       for r in table]}))
+        return
+    print(f"machine: {machine}\n")
+    print("| figure | value | baseline (same run) | ratio |\n|---|---|---|---|")
+    for fig, value, base, ratio in table:
+        print(f"| {fig} | {value} | {base} | {f'{ratio:.2f}x' if ratio is not None else ''} |")
+
+
+if __name__ == "__main__":
+    main()
