@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from tiered_kv import ModelConfig
+from tiered_kv import KvBlockManager, ModelConfig
 from tiered_kv.blocks import MutableBlock
 
 SMALL = ModelConfig(num_layers=2, inner_dim=8, page_size=4, dtype="float32")
@@ -45,3 +45,12 @@ def hashes(n: int, seed: int = 0, algorithm: str = "sha256") -> list[bytes]:
     )
 
 
+def store(bm: KvBlockManager, hashes: list[bytes], batch: int = 2) -> None:
+    """Fill and register ``hashes`` in the top tier ``batch`` blocks at a time, releasing them (inactive)."""
+    pool = bm.top
+    for i in range(0, len(hashes), batch):
+        part = hashes[i : i + batch]
+        blocks = pool.allocate_blocks(len(part))
+        for b, h in zip(blocks, part):
+            fill(b, h)
+        pool.release_blocks(pool.register_blocks(blocks, part))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvdata import SMALL, block_data, content_for, fill
+from kvdata import SMALL, block_data, content_for, fill, store
 
 from tiered_kv import (
     DiskConfig,
@@ -33,16 +33,6 @@ def config(path: Path, **kw: object) -> KvBlockManagerConfig:
     }
     args.update(kw)
     return KvBlockManagerConfig(**args)
-
-
-def store(bm: KvBlockManager, hs: list[bytes]) -> None:
-    pool = bm.top
-    for i in range(0, len(hs), 2):
-        part = hs[i : i + 2]
-        blocks = pool.allocate_blocks(len(part))
-        for b, h in zip(blocks, part):
-            fill(b, h)
-        pool.release_blocks(pool.register_blocks(blocks, part))
 
 
 def check(blocks: list) -> None:

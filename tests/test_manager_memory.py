@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from kvdata import SMALL, block_data, content_for, fill
+from kvdata import SMALL, block_data, content_for, fill, store
 
 from tiered_kv import (
     KvBlockManager,
@@ -15,16 +15,6 @@ from tiered_kv import (
     ShutdownError,
     compute_sequence_hashes,
 )
-
-
-def store(bm: KvBlockManager, hs: list[bytes], batch: int = 2) -> None:
-    pool = bm.top
-    for i in range(0, len(hs), batch):
-        part = hs[i : i + batch]
-        blocks = pool.allocate_blocks(len(part))
-        for b, h in zip(blocks, part):
-            fill(b, h)
-        pool.release_blocks(pool.register_blocks(blocks, part))
 
 
 def test_sequence_hashes_use_manager_settings(two_tier: KvBlockManager) -> None:

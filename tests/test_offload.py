@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvdata import SMALL, block_data, content_for, fill
+from kvdata import SMALL, block_data, content_for, fill, store
 
 from tiered_kv import (
     DiskConfig,
@@ -33,16 +33,6 @@ def three_tier(path: Path, device: int = 4, host: int = 8, disk: int = 64) -> Kv
             device_type="cpu",
         )
     )
-
-
-def store(bm: KvBlockManager, hs: list[bytes], batch: int = 2) -> None:
-    pool = bm.top
-    for i in range(0, len(hs), batch):
-        part = hs[i : i + batch]
-        blocks = pool.allocate_blocks(len(part))
-        for b, h in zip(blocks, part):
-            fill(b, h)
-        pool.release_blocks(pool.register_blocks(blocks, part))
 
 
 def test_demotion_never_copies_twice(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kvdata import SMALL, block_data, content_for, fill
+from kvdata import SMALL, block_data, content_for, fill, store
 
 from tiered_kv import (
     KvBlockManager,
@@ -37,15 +37,6 @@ def manager(url: str | list[str], mode: str = "write_through", namespace: str = 
     }
     args.update(kw)
     return KvBlockManager(KvBlockManagerConfig(**args))
-
-
-def store(bm: KvBlockManager, hs: list[bytes]) -> None:
-    for i in range(0, len(hs), 2):
-        part = hs[i : i + 2]
-        blocks = bm.top.allocate_blocks(len(part))
-        for b, h in zip(blocks, part):
-            fill(b, h)
-        bm.top.release_blocks(bm.top.register_blocks(blocks, part))
 
 
 def test_two_processes_share_prefixes_write_through(shared_server: RedisServer) -> None:
