@@ -26,7 +26,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .blocks import ImmutableBlock
 from .errors import DiskFullError, TieredKvError
 from .pool import BlockPool
 from .transfer import TransferStreams, copy_between
+from .workqueue import WorkQueue
 
 __all__ = ["OffloadScheduler", "OffloadCounters", "LatencyHistogram", "InflightSource", "PromotionClaims"]
 
@@ -260,16 +260,12 @@ class OffloadScheduler:
         self.counters = OffloadCounters()
         self.demote_latency = LatencyHistogram()
         self.promote_latency = LatencyHistogram()
-        self.max_queued_blocks = max_queued_blocks
         self.low_watermark = low_watermark
         self.clean_batch = clean_batch
         self.clean_interval = clean_interval
         self.claims = PromotionClaims()
-        self._queue: deque[_Job] = deque()
-        self._queued_blocks = 0
-        self._busy = 0
-        self._cond = threading.Condition()
         self._stop = False
+        self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._copy_locks: dict[tuple[str, str], threading.Lock] = {}
         self.inflight: dict[str, InflightSource] = {}
@@ -279,9 +275,14 @@ class OffloadScheduler:
             if lower.storage.persistent:
                 self.inflight[lower.tier] = InflightSource(lower.tier)
             upper.set_eviction_handler(self._make_handler(upper, lower))
-        if any(p.storage.persistent for p in pools[1:]):
-            for i in range(workers):
-                self._spawn(self._writer, f"tiered-kv-writer-{i}")
+        # Disk demotions waiting for a writer; drain() also waits for cleaning passes (busy sections).
+        self.queue: WorkQueue[_Job] = WorkQueue(
+            max_queued_blocks,
+            lambda job: len(job.hashes),
+            self._write,
+            workers if any(p.storage.persistent for p in pools[1:]) else 0,
+            "tiered-kv-writer",
+        )
         for upper, lower in itertools.pairwise(pools):
             if not upper.storage.persistent:
                 kick = threading.Event()
@@ -334,43 +335,23 @@ class OffloadScheduler:
     def _enqueue(
         self, upper: BlockPool, lower: BlockPool, pair: str, inflight: InflightSource, dirty: list[tuple[bytes, int]]
     ) -> None:
-        with self._cond:
-            room = self.max_queued_blocks - self._queued_blocks
-            if self._stop:
-                room = 0
-            take = dirty[: max(0, room)]
-            dropped = len(dirty) - len(take)
-            self._queued_blocks += len(take)
+        take = dirty[: self.queue.reserve(len(dirty))]
+        dropped = len(dirty) - len(take)
         if dropped:
             self.counters.add(dropped_demotions=dropped)
         if not take:
             return
         # A memory copy (device->host when the upper tier is the device): never disk I/O on this path.
-        data, _ = upper.storage.gather([s for _, s in take])
-        data = data.to("cpu")
+        try:
+            data, _ = upper.storage.gather([s for _, s in take])
+            data = data.to("cpu")
+        except BaseException:
+            self.queue.unreserve(len(take))
+            raise
         hashes = [h for h, _ in take]
         toks = [upper._tokens[s] for _, s in take]
         inflight.put(hashes, data, toks)
-        with self._cond:
-            self._queue.append(_Job(lower, pair, hashes, data, toks, time.perf_counter()))
-            self._cond.notify()
-
-    def _writer(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stop:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                self._busy += 1
-            try:
-                self._write(job)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._queued_blocks -= len(job.hashes)
-                    self._cond.notify_all()
+        self.queue.put(_Job(lower, pair, hashes, data, toks, time.perf_counter()))
 
     def _write(self, job: _Job) -> None:
         lower = job.lower
@@ -423,21 +404,16 @@ class OffloadScheduler:
             kick.clear()
             if self._stop:
                 return
-            with self._cond:
-                self._busy += 1  # drain() waits for a cleaning pass in progress too
-            try:
-                for _ in range(64):  # keep going while there is work, then sleep until kicked
-                    if self._stop or self._clean(upper, lower) == 0:
-                        break
-            except TieredKvError as exc:
-                if not self._stop:
-                    log.debug("cleaning %s failed: %s", upper.tier, exc)
-            except Exception:  # keep the cleaner alive; the failure is logged
-                log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
+            with self.queue.busy():  # drain() waits for a cleaning pass in progress too
+                try:
+                    for _ in range(64):  # keep going while there is work, then sleep until kicked
+                        if self._stop or self._clean(upper, lower) == 0:
+                            break
+                except TieredKvError as exc:
+                    if not self._stop:
+                        log.debug("cleaning %s failed: %s", upper.tier, exc)
+                except Exception:  # keep the cleaner alive; the failure is logged
+                    log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
 
     def _clean(self, upper: BlockPool, lower: BlockPool, budget: int | None = None) -> int:
         """Copy the policy's next victims down while they stay in place; returns how many were copied."""
@@ -452,10 +428,8 @@ class OffloadScheduler:
         candidates = candidates[: self._room_below(upper, lower, len(candidates))]
         if not candidates:
             return 0
-        if inflight is not None:
-            with self._cond:  # bounded like the eviction path: never grow the disk backlog without limit
-                if self._queued_blocks >= self.max_queued_blocks:
-                    return 0
+        if inflight is not None and self.queue.depth >= self.queue.capacity:
+            return 0  # bounded like eviction: never grow the disk backlog
         n_ok = self.copy_down(upper, lower, candidates)
         self.counters.add(cleaned=n_ok)
         return n_ok
@@ -517,7 +491,7 @@ class OffloadScheduler:
     # ---------------------------------------------------------------------------------------------- control
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the background prefetch worker (dropped silently once stopping)."""
-        with self._cond:
+        with self._lock:
             if self._stop:
                 return
             if self._prefetcher is None:
@@ -534,38 +508,36 @@ class OffloadScheduler:
 
         pool.submit(run)
 
+    @property
+    def max_queued_blocks(self) -> int:
+        """Bound of the disk demotion queue, in blocks (settable)."""
+        return self.queue.capacity
+
+    @max_queued_blocks.setter
+    def max_queued_blocks(self, n: int) -> None:
+        self.queue.capacity = n
+
     def queue_depth(self) -> int:
         """Blocks waiting in (or being written from) the disk demotion queue."""
-        return self._queued_blocks
+        return self.queue.depth
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until the demotion queue is empty and no write is in progress; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(left if left is not None else 0.1)
-        return True
+        """Wait until the demotion queue is empty, no write and no cleaning pass is in progress; False on timeout."""
+        return self.queue.drain(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Drain the queue (up to ``timeout``), then stop every thread."""
-        with self._cond:
+        """Cancel prefetches, drain the queue (up to ``timeout``), then stop every thread."""
+        with self._lock:
             prefetcher, self._prefetcher = self._prefetcher, None
+            self._stop = True  # cleaners stop; no new prefetch
         if prefetcher is not None:
             prefetcher.shutdown(wait=True, cancel_futures=True)
-        self.drain(timeout)
-        with self._cond:
-            self._stop = True
-            dropped = sum(len(j.hashes) for j in self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
+        for t in self._threads:  # the cleaners first: they may still queue nothing, but they copy
+            t.join(timeout)
+        dropped = sum(len(j.hashes) for j in self.queue.stop(timeout))
         if dropped:
             self.counters.add(dropped_demotions=dropped)
             log.warning("close: %d queued demotions dropped after %.1f s", dropped, timeout)
-        for t in self._threads:
-            t.join(timeout)
 
     def metrics(self) -> dict[str, Any]:
         """Counters, queue depth and latency summaries."""

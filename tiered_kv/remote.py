@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 
 from .config import KvBlockManagerConfig, RemoteConfig
 from .storage.remote import RemoteStore
+from .workqueue import WorkQueue
 
 __all__ = ["RemoteTier", "RemoteBlock", "RemotePoolView"]
 
@@ -77,17 +76,13 @@ class RemoteTier:
         self._by_hash: dict[bytes, Any] = {}  # nothing is "held" remotely; present for run detection
         self._known: OrderedDict[bytes, None] = OrderedDict()  # recently written or seen hashes (bounded)
         self._known_cap = 1 << 20
-        self._queue: deque[tuple[list[bytes], torch.Tensor]] = deque()
-        self._queued = 0
-        self._busy = 0
-        self._cond = threading.Condition()
-        self._stop = False
         self.hits = 0
         self.misses = 0
         self.writes = 0
         self.dropped_writes = 0
-        self._thread = threading.Thread(target=self._writer, name="tiered-kv-remote-writer", daemon=True)
-        self._thread.start()
+        self.queue: WorkQueue[tuple[list[bytes], torch.Tensor]] = WorkQueue(
+            remote.max_queued_blocks, lambda job: len(job[0]), self._write, 1, "tiered-kv-remote-writer"
+        )
         self.max_fetch = 1 << 30
 
     # -------------------------------------------------------------------------------------------- writes
@@ -96,46 +91,30 @@ class RemoteTier:
         keep = [i for i, h in enumerate(hashes) if h not in self._known]
         if not keep:
             return
-        with self._cond:
-            room = self.config.max_queued_blocks - self._queued
-            if self._stop:
-                room = 0
-            take = keep[: max(0, room)]
-            self.dropped_writes += len(keep) - len(take)
-            if not take:
-                return
-            self._queued += len(take)
-        snap = data.index_select(0, torch.tensor(take, device=data.device)).to("cpu")
+        take = keep[: self.queue.reserve(len(keep))]
+        self.dropped_writes += len(keep) - len(take)
+        if not take:
+            return
+        try:
+            snap = data.index_select(0, torch.tensor(take, device=data.device)).to("cpu")
+        except BaseException:
+            self.queue.unreserve(len(take))
+            raise
         queued = [hashes[i] for i in take]
         self._remember(queued)  # queued counts as known: another tier registering it must not queue it twice
-        with self._cond:
-            self._queue.append((queued, snap))
-            self._cond.notify()
+        self.queue.put((queued, snap))
 
-    def _writer(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stop:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                hashes, data = self._queue.popleft()
-                self._busy += 1
-            try:
-                written = self.store.put_blocks(hashes, data)
-                self.writes += written
-                if written != len(hashes):
-                    self.dropped_writes += len(hashes) - written
-                    self._forget(hashes)  # which ones failed is unknown: let a later eviction try again
-            except Exception:  # a writer thread must survive anything; the failure is logged and counted
-                log.exception("remote write of %d blocks failed", len(hashes))
-                self.dropped_writes += len(hashes)
-                self._forget(hashes)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._queued -= len(hashes)
-                    self._cond.notify_all()
+    def _write(self, job: tuple[list[bytes], torch.Tensor]) -> None:
+        hashes, data = job
+        try:
+            written = self.store.put_blocks(hashes, data)
+        except Exception:  # counted as dropped; the queue's worker logs nothing more
+            log.exception("remote write of %d blocks failed", len(hashes))
+            written = 0
+        self.writes += written
+        if written != len(hashes):
+            self.dropped_writes += len(hashes) - written
+            self._forget(hashes)  # which ones failed is unknown: let a later eviction try again
 
     def _remember(self, hashes: Sequence[bytes]) -> None:
         known = self._known
@@ -151,25 +130,14 @@ class RemoteTier:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are sent; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(0.1 if left is None else min(left, 0.1))
-        return True
+        return self.queue.drain(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (up to ``timeout``), then stop and disconnect."""
-        if not self.drain(timeout):
-            log.warning("remote tier: %d queued writes dropped at close", self._queued)
-        with self._cond:
-            self._stop = True
-            self.dropped_writes += sum(len(h) for h, _ in self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        self._thread.join(timeout)
+        dropped = sum(len(h) for h, _ in self.queue.stop(timeout))
+        if dropped:
+            self.dropped_writes += dropped
+            log.warning("remote tier: %d queued writes dropped at close", dropped)
         self.store.close()
 
     # ---------------------------------------------------------------------------------------------- reads
@@ -224,7 +192,7 @@ class RemoteTier:
             "hit_rate": self.hits / looked if looked else 0.0,
             "writes": self.writes,
             "dropped_writes": self.dropped_writes,
-            "queue_depth": self._queued,
+            "queue_depth": self.queue.depth,
             "evictions": 0,  # Redis's maxmemory policy evicts; see the server's evicted_keys
             "store": self.store.metrics(),
         }

@@ -1,0 +1,135 @@
+"""A bounded queue of jobs served by background threads, that callers can wait on until it is idle.
+
+Used for the writes that must never block serving: demotions queued toward the disk tier and writes to the
+remote tier. Capacity is counted in units (blocks), reserved before a job is built so that a full queue drops
+work (the caller counts it) instead of blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Generic, TypeVar
+
+__all__ = ["WorkQueue"]
+
+log = logging.getLogger("tiered_kv.workqueue")
+
+T = TypeVar("T")
+
+
+class WorkQueue(Generic[T]):
+    """Jobs of some units each, at most ``capacity`` units queued or in progress.
+
+    Args:
+        capacity: bound in units (blocks).
+        size: units of a job.
+        handle: called on a worker thread for each job; must not raise (exceptions are logged).
+        workers: worker threads (0: no workers, only the idle tracking of :meth:`busy`).
+        name: thread name prefix.
+    """
+
+    def __init__(
+        self, capacity: int, size: Callable[[T], int], handle: Callable[[T], None], workers: int, name: str
+    ) -> None:
+        self.capacity = capacity
+        self._size = size
+        self._handle = handle
+        self._jobs: deque[T] = deque()
+        self._units = 0  # reserved, queued or in progress
+        self._busy = 0
+        self._stopped = False
+        self.cond = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def depth(self) -> int:
+        """Units reserved, queued or in progress."""
+        return self._units
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` has run."""
+        return self._stopped
+
+    def reserve(self, n: int) -> int:
+        """Reserve room for up to ``n`` units now; returns how many were reserved (0 once stopped)."""
+        with self.cond:
+            take = 0 if self._stopped else max(0, min(n, self.capacity - self._units))
+            self._units += take
+            return take
+
+    def unreserve(self, n: int) -> None:
+        """Give back reserved units that will not be queued."""
+        with self.cond:
+            self._units -= n
+            self.cond.notify_all()
+
+    def put(self, job: T) -> None:
+        """Queue a job whose units were reserved."""
+        with self.cond:
+            self._jobs.append(job)
+            self.cond.notify()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark work outside the queue (a cleaning pass) that :meth:`drain` must wait for too."""
+        with self.cond:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self._busy -= 1
+                self.cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self._jobs and not self._stopped:
+                    self.cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._busy += 1
+            try:
+                self._handle(job)
+            except Exception:  # a worker must survive anything; the handler counts its own failures
+                log.exception("work queue job failed")
+            finally:
+                with self.cond:
+                    self._busy -= 1
+                    self._units -= self._size(job)
+                    self.cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no job is queued or in progress and no :meth:`busy` section runs; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self._jobs or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.cond.wait(0.1 if left is None else min(left, 0.1))
+        return True
+
+    def stop(self, timeout: float = 10.0) -> list[T]:
+        """Drain (up to ``timeout``), stop the workers and return the jobs that were still queued (dropped)."""
+        self.drain(timeout)
+        with self.cond:
+            self._stopped = True
+            dropped = list(self._jobs)
+            self._jobs.clear()
+            self._units -= sum(self._size(j) for j in dropped)
+            self.cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        return dropped
