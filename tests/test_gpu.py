@@ -34,8 +34,14 @@ def _check(blocks: list) -> None:
         assert torch.equal(data.cpu(), content_for(b.sequence_hash))
 
 
-@pytest.mark.parametrize("backend", ["posix", "auto"])
+@pytest.mark.parametrize("backend", ["posix", "auto", "kvikio"])
 def test_three_tiers_on_cuda(tmp_path: Path, backend: str) -> None:
+    if backend == "kvikio":
+        from tiered_kv.storage.disk import kvikio_unavailable_reason
+
+        reason = kvikio_unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"kvikio unusable here: {reason}")
     cfg = KvBlockManagerConfig(
         model=SMALL,
         device=LayoutConfig(num_blocks=8),
@@ -56,6 +62,8 @@ def test_three_tiers_on_cuda(tmp_path: Path, backend: str) -> None:
         m = bm.metrics()["offload"]
         assert m["promotions"] >= 8 and m["demotions"] >= 32
     with KvBlockManager(cfg) as bm:  # restart: the prefix comes back from disk to the GPU
+        if backend == "kvikio":
+            assert bm.disk().storage.accepts_cuda  # type: ignore[union-attr]  # reads land in GPU memory
         got = bm.match_sequence_hashes(hs)
         assert len(got) >= 1
         _check(got)

@@ -76,12 +76,17 @@ def copy_between(
             event.record(stream)
         event.synchronize()
         return []
+    # A storage that can read straight into GPU memory (the disk tier through kvikio/GDS) gets a CUDA buffer.
+    out = None
+    if dst_pool.storage.device.type == "cuda" and getattr(getattr(src_pool, "storage", None), "accepts_cuda", False):
+        out = torch.empty((len(src), *dst_pool.model.block_shape), dtype=dst_pool.model.torch_dtype,
+                          device=dst_pool.storage.device)
     if stream is None:
-        data, bad = src_pool.gather(src)
+        data, bad = src_pool.gather(src, out)
         dst_pool.scatter(dst, data)
         return bad
     with torch.cuda.stream(stream):
-        data, bad = src_pool.gather(src)
+        data, bad = src_pool.gather(src, out)
         dst_pool.scatter(dst, data)
         event = torch.cuda.Event()
         event.record(stream)

@@ -81,6 +81,11 @@ class DiskStorage(BlockStorage):
             for s in slots:
                 self._stage.pop(s, None)
 
+    @property
+    def accepts_cuda(self) -> bool:
+        """Whether reads can land straight in GPU memory (the kvikio backend)."""
+        return bool(getattr(self.store.backend, "accepts_cuda", False))
+
     # -- reads ----------------------------------------------------------------------------------------------------
     def read_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
         data, bad = self.gather([slot])
