@@ -358,6 +358,7 @@ class KvBlockManager:
         try:
             # The longest prefix the top tier can hold: its lower-tier blocks need slots, which may come from
             # free or evictable blocks, including top-tier blocks of this match that lie beyond the prefix.
+            self.scheduler.wait_for_copies(top.tier, 0.2)
             room = top.available_blocks()
             top_after = sum(1 for ti, _ in items if ti == 0)
             keep, lower = 0, 0

@@ -268,6 +268,7 @@ class OffloadScheduler:
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._copy_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._copies_idle: dict[str, threading.Event] = {}
         self.inflight: dict[str, InflightSource] = {}
         self._threads: list[threading.Thread] = []
         self._block_bytes = pools[0].model.block_size_bytes
@@ -443,7 +444,19 @@ class OffloadScheduler:
         # One copier per tier pair at a time (the cleaner, persist): two copiers of the same hashes would each
         # allocate room below, and the surplus would evict blocks just copied.
         with self._copy_locks.setdefault((upper.tier, lower.tier), threading.Lock()):
-            return self._copy_down_locked(upper, lower, [h for h in hashes if h not in lower])
+            idle = self._copies_idle.setdefault(upper.tier, threading.Event())
+            idle.clear()
+            try:
+                return self._copy_down_locked(upper, lower, [h for h in hashes if h not in lower])
+            finally:
+                idle.set()
+
+    def wait_for_copies(self, tier: str, timeout: float) -> None:
+        """Wait (up to ``timeout``) until no copy holds blocks of ``tier``: a match sizing its room should not
+        mistake blocks the cleaner holds for a moment for blocks other callers hold."""
+        idle = self._copies_idle.get(tier)
+        if idle is not None and not idle.is_set():
+            idle.wait(timeout)
 
     def _copy_down_locked(self, upper: BlockPool, lower: BlockPool, hashes: Sequence[bytes]) -> int:
         held = upper.acquire(hashes)
