@@ -372,7 +372,7 @@ class KvBlockManager:
                 keep += 1
             for _, b in items[keep:]:
                 b.release()  # beyond the prefix: make them evictable before we allocate (and demote)
-            dst = self._allocate_up_to(top, lower)
+            dst = top.allocate_up_to(lower)
             if len(dst) < lower:  # raced with other callers: shorten the prefix to the slots we got
                 covered = 0
                 for pos, (ti, _) in enumerate(items[:keep]):
@@ -424,17 +424,6 @@ class KvBlockManager:
             top.release_blocks(dst)
             top.release_blocks([b for b in result if b is not None])
             raise
-
-    @staticmethod
-    def _allocate_up_to(pool: BlockPool, n: int) -> list[MutableBlock]:
-        """Allocate as many of ``n`` blocks as the pool can give now (racing callers may take some)."""
-        room = min(n, pool.available_blocks())
-        while room > 0:
-            try:
-                return pool.allocate_blocks(room)
-            except NotEnoughBlocksAvailable as exc:
-                room = min(room - 1, exc.available)
-        return []
 
     # ---------------------------------------------------------------------------------------- explicit transfers
     def swap_out(self, blocks: Sequence[ImmutableBlock]) -> list[ImmutableBlock]:

@@ -40,7 +40,15 @@ from .pool import BlockPool
 from .transfer import TransferStreams, copy_between
 from .workqueue import WorkQueue
 
-__all__ = ["OffloadScheduler", "OffloadCounters", "LatencyHistogram", "InflightSource", "PromotionClaims"]
+__all__ = [
+    "OffloadScheduler",
+    "OffloadCounters",
+    "LatencyHistogram",
+    "InflightSource",
+    "PromotionClaims",
+    "SnapshotBlock",
+    "SnapshotSource",
+]
 
 log = logging.getLogger("tiered_kv.offload")
 
@@ -122,12 +130,15 @@ class OffloadCounters:
             self.per_pair[name] = self.per_pair.get(name, 0) + n
 
 
-class _InflightBlock:
-    """A demoted block waiting in the disk queue, matchable from its snapshot."""
+class SnapshotBlock:
+    """A block whose bytes travel with the handle (queued toward disk, or fetched from the remote tier).
+
+    Nothing is held in any pool, so releasing it only marks the handle.
+    """
 
     __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash", "tokens")
 
-    def __init__(self, source: InflightSource, h: bytes, data: torch.Tensor, tokens: bytes | None) -> None:
+    def __init__(self, source: SnapshotSource, h: bytes, data: torch.Tensor, tokens: bytes | None) -> None:
         self._pool = source
         self._released = False
         self.block_id = -1
@@ -135,11 +146,49 @@ class _InflightBlock:
         self.data = data
         self.tokens = tokens
 
+    @property
+    def tier(self) -> str:
+        """The source's name ("disk-queue", "remote")."""
+        return self._pool.tier
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released
+
+    def layer_view(self, layer: int, outer: int) -> torch.Tensor:
+        """A copy of one layer's K or V."""
+        return self.data[layer, outer].clone()
+
     def release(self) -> None:
+        """Mark the handle released."""
         self._released = True
 
 
-class InflightSource:
+class SnapshotSource:
+    """What a match source made of :class:`SnapshotBlock` handles provides for promotion."""
+
+    tier: str
+
+    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Stack the handles' bytes (already verified when they were taken)."""
+        data = torch.stack([b.data for b in blocks])
+        if out is not None:
+            out.copy_(data)
+            return out, []
+        return data, []
+
+    def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
+        """The token ids each block carries, where known."""
+        return [b.tokens for b in blocks]
+
+    def release_blocks(self, blocks: Sequence[Any]) -> None:
+        """Mark the handles released."""
+        for b in blocks:
+            b._released = True
+
+
+class InflightSource(SnapshotSource):
     """Snapshots of blocks queued toward a persistent tier; pool-like enough for matching and promotion."""
 
     def __init__(self, tier: str) -> None:
@@ -166,8 +215,8 @@ class InflightSource:
 
     def _match_run(
         self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
-    ) -> list[_InflightBlock]:
-        out: list[_InflightBlock] = []
+    ) -> list[SnapshotBlock]:
+        out: list[SnapshotBlock] = []
         with self._lock:
             for i in range(start, len(hashes)):
                 h = hashes[i]
@@ -176,22 +225,8 @@ class InflightSource:
                     break
                 if expected is not None and entry[1] not in (None, expected[i]):
                     break
-                out.append(_InflightBlock(self, h, entry[0], entry[1]))
+                out.append(SnapshotBlock(self, h, entry[0], entry[1]))
         return out
-
-    def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
-        return [b.tokens for b in blocks]
-
-    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
-        data = torch.stack([b.data for b in blocks])
-        if out is not None:
-            out.copy_(data)
-            return out, []
-        return data, []
-
-    def release_blocks(self, blocks: Sequence[Any]) -> None:
-        for b in blocks:
-            b._released = True
 
 
 class PromotionClaims:
@@ -361,7 +396,7 @@ class OffloadScheduler:
         written = 0
         try:
             if todo:
-                dst = self._allocate_some(lower, len(todo))
+                dst = lower.allocate_up_to(len(todo))
                 dropped = len(todo) - len(dst)
                 todo = todo[: len(dst)]
                 if dst:
@@ -387,16 +422,6 @@ class OffloadScheduler:
             self.counters.add(demotions=written, bytes_demoted=written * self._block_bytes)
             self.counters.pair(job.pair, written)
             self.demote_latency.observe(time.perf_counter() - job.queued_at)
-
-    @staticmethod
-    def _allocate_some(pool: BlockPool, n: int) -> list[Any]:
-        room = min(n, pool.available_blocks())
-        while room > 0:
-            try:
-                return pool.allocate_blocks(room)
-            except TieredKvError:
-                room = min(room - 1, pool.available_blocks())
-        return []
 
     # ---------------------------------------------------------------------------------------------- cleaning
     def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
@@ -463,7 +488,7 @@ class OffloadScheduler:
         try:
             if not held:
                 return 0
-            dst = self._allocate_some(lower, len(held))
+            dst = lower.allocate_up_to(len(held))
             held_now = held[: len(dst)]
             if not dst:
                 return 0

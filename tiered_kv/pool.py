@@ -205,6 +205,18 @@ class BlockPool:
         with self._lock:
             return self._allocate_locked(n)
 
+    def allocate_up_to(self, n: int) -> list[MutableBlock]:
+        """Allocate as many of ``n`` blocks as the pool can give now (possibly none); never raises for room.
+
+        For internal movers that take what fits (promotion truncates, demotion drops the rest).
+        """
+        self._check_open()
+        with self._lock:
+            if self._pending:
+                self._drain_pending()
+            room = min(n, len(self._free) + self.policy.evictable_count())
+            return self._allocate_locked(room) if room > 0 else []
+
     def _allocate_locked(self, n: int) -> list[MutableBlock]:
         if self._pending:
             self._drain_pending()

@@ -18,44 +18,16 @@ from typing import Any
 import torch
 
 from .config import KvBlockManagerConfig, RemoteConfig
+from .offload import SnapshotBlock, SnapshotSource
 from .storage.remote import RemoteStore
 from .workqueue import WorkQueue
 
-__all__ = ["RemoteTier", "RemoteBlock", "RemotePoolView"]
+__all__ = ["RemoteTier", "RemotePoolView"]
 
 log = logging.getLogger("tiered_kv.remote")
 
 
-class RemoteBlock:
-    """A block fetched from the remote tier (its bytes travel with the handle until promoted)."""
-
-    __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash", "tokens")
-
-    tier = "remote"
-
-    def __init__(self, source: Any, h: bytes, data: torch.Tensor) -> None:
-        self._pool = source
-        self._released = False
-        self.block_id = -1
-        self.sequence_hash = h
-        self.data = data
-        self.tokens: bytes | None = None
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return self._released
-
-    def layer_view(self, layer: int, outer: int) -> torch.Tensor:
-        """A copy of one layer's K or V."""
-        return self.data[layer, outer].clone()
-
-    def release(self) -> None:
-        """Drop the handle (nothing is held remotely)."""
-        self._released = True
-
-
-class RemoteTier:
+class RemoteTier(SnapshotSource):
     """The remote store plus its write queue; a match source for the manager."""
 
     def __init__(self, config: KvBlockManagerConfig, remote: RemoteConfig) -> None:
@@ -147,7 +119,7 @@ class RemoteTier:
 
     def _match_run(
         self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
-    ) -> list[RemoteBlock]:
+    ) -> list[SnapshotBlock]:
         want: list[bytes] = []
         for i in range(start, min(len(hashes), start + self.max_fetch)):
             h = hashes[i]
@@ -157,30 +129,16 @@ class RemoteTier:
         if not want:
             return []
         data, ok = self.store.get_blocks(want)
-        out: list[RemoteBlock] = []
+        out: list[SnapshotBlock] = []
         for i, h in enumerate(want):
             if not ok[i]:
                 break
-            out.append(RemoteBlock(self, h, data[i]))
+            out.append(SnapshotBlock(self, h, data[i], None))
         self.hits += len(out)
         self.misses += 1 if len(out) < len(want) else 0
         if out:
             self._remember([b.sequence_hash for b in out])
         return out
-
-    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
-        data = torch.stack([b.data for b in blocks])
-        if out is not None:
-            out.copy_(data)
-            return out, []
-        return data, []
-
-    def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
-        return [None for _ in blocks]
-
-    def release_blocks(self, blocks: Sequence[Any]) -> None:
-        for b in blocks:
-            b._released = True
 
     def metrics(self) -> dict[str, Any]:
         """The tier's counters (hits/misses as seen by matches) and the store's."""
@@ -206,7 +164,7 @@ class RemotePoolView:
     def __init__(self, remote: RemoteTier) -> None:
         self._remote = remote
 
-    def match_sequence_hashes(self, hashes: Sequence[bytes]) -> list[RemoteBlock]:
+    def match_sequence_hashes(self, hashes: Sequence[bytes]) -> list[SnapshotBlock]:
         """The longest prefix of ``hashes`` the remote tier holds, fetched and verified."""
         return self._remote._match_run(list(hashes), 0, ())
 
