@@ -126,12 +126,17 @@ class DiskConfig:
     ``backend``: "auto" (kvikio when CUDA and kvikio are usable, else "posix"), "kvikio", "posix".
     ``durability``: "sync" (each write batch is synced before it completes), "batch" (synced at least every
     second and at flush/close), "none" (the OS decides; flush/close still sync).
+    ``writeback_s``: every block registered in a memory tier reaches the disk tier within this many seconds of
+    its registration when the disk can take it, parents before children (``flush()``/``close()`` finish what is
+    pending). ``None`` writes blocks down only when a memory tier evicts them (or on ``persist()``): less disk
+    traffic, but what sits in memory at a crash or a plain ``close()`` is lost to the next process.
     """
 
     path: str | os.PathLike[str]
     num_blocks: int
     backend: str = "auto"
     durability: str = "batch"
+    writeback_s: float | None = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
@@ -139,6 +144,9 @@ class DiskConfig:
         _positive_int("num_blocks", self.num_blocks)
         _choice("backend", self.backend, BACKENDS)
         _choice("durability", self.durability, DURABILITIES)
+        w = self.writeback_s
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")):
+            raise ConfigError("writeback_s", w, "must be None or a positive number of seconds")
 
 
 @dataclass(frozen=True, kw_only=True)
