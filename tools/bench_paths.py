@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""The paths users call, timed through the public API, each beside its baseline measured in the same run.
+
+Rows (issue 12's measures):
+
+* ``disk write``: a disk-only manager, ``allocate_blocks`` + ``scatter`` + ``register_blocks`` of N blocks, then
+  ``flush()``; against ``DiskStore.write_blocks`` alone (the store underneath) and fio psync O_DIRECT.
+* ``disk read``: a fresh host+disk manager's ``match_sequence_hashes`` of those N blocks (disk -> host); against
+  ``DiskStore.read_blocks`` alone and fio psync O_DIRECT.
+* ``allocate under a storm``: ``device.allocate_blocks(4)`` latency while 2 MiB blocks churn through device 16 /
+  host 32 / disk 512 (every allocation evicts, every victim goes down).
+* ``swap_in`` / ``swap_out`` on CPU tensors against one plain tensor copy of the same bytes.
+* ``bookkeeping``: allocate 16 + register + release + match + release, blocks/s.
+
+Usage: ``python tools/bench_paths.py [--dir DIR] [--repeat N] [--quick] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_disk import _drop_cache, bench_fio  # noqa: E402
+
+from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig, ModelConfig  # noqa: E402
+from tiered_kv.storage.disk import DiskStore  # noqa: E402
+
+MODELS = {
+    "2MiB": ModelConfig(num_layers=32, outer_dim=2, page_size=16, inner_dim=1024, dtype="float16"),
+    "64KiB": ModelConfig(num_layers=4, outer_dim=2, page_size=16, inner_dim=256, dtype="float16"),
+}
+
+
+def _data(model: ModelConfig, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(-1000, 1000, (n, *model.block_shape), dtype=torch.int16, generator=g).view(model.torch_dtype)
+
+
+def _hashes(bm: KvBlockManager, n: int, salt: str) -> list[bytes]:
+    return bm.sequence_hashes(list(range(n * bm.model.page_size)), salt=salt)
+
+
+def disk_paths(directory: Path, model: ModelConfig, n: int, batch: int) -> dict[str, float]:
+    """Public write (register + flush) and public read (fresh manager's match into host), MB/s."""
+    path = directory / "public"
+    shutil.rmtree(path, ignore_errors=True)
+    data = _data(model, batch)
+    disk = DiskConfig(path=path, num_blocks=n, backend="posix", durability="batch", writeback_s=None)
+    cfg = KvBlockManagerConfig(model=model, disk=disk, device_type="cpu")
+    with KvBlockManager(cfg) as bm:
+        pool = bm.disk()
+        assert pool is not None
+        hashes = _hashes(bm, n, "bench")
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            k = min(batch, n - start)
+            blocks = pool.allocate_blocks(k)
+            pool.scatter(blocks, data[:k])
+            pool.release_blocks(pool.register_blocks(blocks, hashes[start : start + k]))
+        bm.flush()
+        t_write = time.perf_counter() - t0
+    _drop_cache(path)
+    cfg = KvBlockManagerConfig(
+        model=model, host=LayoutConfig(num_blocks=n), disk=disk, device_type="cpu"
+    )
+    with KvBlockManager(cfg) as bm:
+        t0 = time.perf_counter()
+        hit = bm.match_sequence_hashes(hashes)
+        t_read = time.perf_counter() - t0
+        assert len(hit) == n, f"matched {len(hit)} of {n}"
+        bm.top.release_blocks(hit)
+    shutil.rmtree(path, ignore_errors=True)
+    size = n * model.block_size_bytes
+    return {"write_MBps": size / t_write / 1e6, "read_MBps": size / t_read / 1e6}
+
+
+def store_alone(directory: Path, model: ModelConfig, n: int, batch: int) -> dict[str, float]:
+    """The store underneath: ``write_blocks`` batches + flush, then ``read_blocks`` into one aligned buffer."""
+    path = directory / "store"
+    shutil.rmtree(path, ignore_errors=True)
+    cfg = DiskConfig(path=path, num_blocks=n, backend="posix", durability="batch")
+    data = _data(model, batch)
+    hashes = [i.to_bytes(32, "little") for i in range(n)]
+    with DiskStore(cfg, model, hash_algorithm="sha256", namespace="bench") as store:
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            k = min(batch, n - start)
+            store.write_blocks(hashes[start : start + k], list(range(start, start + k)), data[:k])
+        store.flush()
+        t_write = time.perf_counter() - t0
+    _drop_cache(path)
+    with DiskStore(cfg, model, hash_algorithm="sha256", namespace="bench") as store:
+        out = store._alloc(n)
+        t0 = time.perf_counter()
+        _, bad = store.read_blocks(list(range(n)), out=out)
+        t_read = time.perf_counter() - t0
+        assert not bad
+    shutil.rmtree(path, ignore_errors=True)
+    size = n * model.block_size_bytes
+    return {"write_MBps": size / t_write / 1e6, "read_MBps": size / t_read / 1e6}
+
+
+def allocate_storm(directory: Path, rounds: int) -> dict[str, float]:
+    """``device.allocate_blocks(4)`` latency while 2 MiB blocks churn through device 16 / host 32 / disk 512."""
+    model = MODELS["2MiB"]
+    path = directory / "storm"
+    shutil.rmtree(path, ignore_errors=True)
+    cfg = KvBlockManagerConfig(
+        model=model, device=LayoutConfig(num_blocks=16), host=LayoutConfig(num_blocks=32),
+        disk=DiskConfig(path=path, num_blocks=512, backend="posix", durability="batch", writeback_s=None),
+        device_type="cpu",
+    )
+    data = _data(model, 4)
+    lat: list[float] = []
+    with KvBlockManager(cfg) as bm:
+        device = bm.device()
+        assert device is not None
+        hashes = _hashes(bm, rounds * 4, "storm")
+        t0 = time.perf_counter()
+        for i in range(rounds):
+            a = time.perf_counter()
+            blocks = device.allocate_blocks(4)
+            lat.append(time.perf_counter() - a)
+            device.scatter(blocks, data)
+            device.release_blocks(device.register_blocks(blocks, hashes[4 * i : 4 * i + 4]))
+        wall = time.perf_counter() - t0
+        bm.flush()
+        dropped = bm.metrics()["offload"]["dropped_demotions"]
+    shutil.rmtree(path, ignore_errors=True)
+    lat.sort()
+    return {
+        "p50_ms": lat[len(lat) // 2] * 1e3,
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+        "blocks_per_s": rounds * 4 / wall,
+        "dropped_demotions": dropped,
+    }
+
+
+def swaps(model: ModelConfig, n: int, repeat: int) -> dict[str, float]:
+    """``swap_in`` (host -> device) and ``swap_out`` (device -> host) on CPU tensors vs a plain tensor copy."""
+    cfg = KvBlockManagerConfig(
+        model=model, device=LayoutConfig(num_blocks=n), host=LayoutConfig(num_blocks=n), device_type="cpu"
+    )
+    size = n * model.block_size_bytes
+    src = _data(model, n)
+    dst = torch.empty_like(src)
+    plain = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        plain.append(time.perf_counter() - t0)
+    out: dict[str, float] = {"plain_copy_GBps": size / min(plain) / 1e9}
+    with KvBlockManager(cfg) as bm:
+        device, host = bm.device(), bm.host()
+        assert device is not None and host is not None
+        t_in, t_out = [], []
+        for r in range(repeat):
+            hashes = _hashes(bm, n, f"swap{r}")
+            blocks = host.allocate_blocks(n)
+            host.scatter(blocks, src)
+            held = host.register_blocks(blocks, hashes)
+            t0 = time.perf_counter()
+            on_device = bm.swap_in(held)
+            t_in.append(time.perf_counter() - t0)
+            host.release_blocks(held)
+            bm.reset(tiers=["host"])
+            t0 = time.perf_counter()
+            back = bm.swap_out(on_device)
+            t_out.append(time.perf_counter() - t0)
+            host.release_blocks(back)
+            device.release_blocks(on_device)
+            bm.reset()
+    out["swap_in_GBps"] = size / min(t_in) / 1e9
+    out["swap_out_GBps"] = size / min(t_out) / 1e9
+    return out
+
+
+def bookkeeping(n_blocks: int) -> float:
+    """allocate 16 + register + release each + match + release each, blocks/s (tiny blocks: bookkeeping only)."""
+    model = ModelConfig(num_layers=1, inner_dim=8, page_size=16, dtype="float16")
+    cfg = KvBlockManagerConfig(model=model, device=LayoutConfig(num_blocks=4096), device_type="cpu")
+    with KvBlockManager(cfg) as bm:
+        pool = bm.top
+        hashes = _hashes(bm, n_blocks, "book")
+        t0 = time.perf_counter()
+        for i in range(0, n_blocks, 16):
+            hs = hashes[i : i + 16]
+            blocks = pool.allocate_blocks(len(hs))
+            for b in pool.register_blocks(blocks, hs):
+                b.release()
+            for b in pool.match_sequence_hashes(hs):
+                b.release()
+        return n_blocks / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir here)")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats of each disk figure (medians reported)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-paths-", dir="."))
+    base.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    try:
+        sizes = {"2MiB": (384 if not args.quick else 96, 64), "64KiB": (8192 if not args.quick else 2048, 512)}
+        for name, (n, batch) in sizes.items():
+            model = MODELS[name]
+            runs: dict[str, list[float]] = {}
+            for _ in range(args.repeat):
+                for prefix, fn in (("public", disk_paths), ("store", store_alone)):
+                    for k, v in fn(base, model, n, batch).items():
+                        runs.setdefault(f"{prefix}_{k}", []).append(v)
+                fio = bench_fio(base, model.block_size_bytes, n * model.block_size_bytes, "psync", 1)
+                if fio:
+                    for k, v in fio.items():
+                        runs.setdefault(f"fio_{k}", []).append(v)
+            results[f"disk_{name}"] = {
+                k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in runs.items()
+            }
+        results["allocate_storm"] = allocate_storm(base, 200 if args.quick else 800)
+        results["swap_256KiB"] = swaps(ModelConfig(num_layers=8, inner_dim=1024, page_size=16, dtype="float16"),
+                                       64, 5)
+        results["bookkeeping_blocks_per_s"] = bookkeeping(16_000 if args.quick else 64_000)
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for name in ("2MiB", "64KiB"):
+        r = results[f"disk_{name}"]
+        for rw in ("write", "read"):
+            pub, store = r[f"public_{rw}_MBps"], r[f"store_{rw}_MBps"]
+            fio = r.get(f"fio_{rw}_MBps")
+            line = (f"disk {rw} {name}: public {pub['median']:7.0f} MB/s [{pub['min']:.0f}-{pub['max']:.0f}]  "
+                    f"store {store['median']:7.0f} ({pub['median'] / store['median']:.2f}x)")
+            if fio:
+                line += f"  fio psync {fio['median']:7.0f} ({pub['median'] / fio['median']:.2f}x)"
+            print(line)
+    s = results["allocate_storm"]
+    print(f"allocate_blocks(4) under the 2 MiB storm: p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  "
+          f"({s['blocks_per_s']:.0f} blocks/s, {s['dropped_demotions']} dropped)")
+    w = results["swap_256KiB"]
+    print(f"swap_in {w['swap_in_GBps']:.1f} GB/s ({w['swap_in_GBps'] / w['plain_copy_GBps']:.2f}x)  "
+          f"swap_out {w['swap_out_GBps']:.1f} GB/s ({w['swap_out_GBps'] / w['plain_copy_GBps']:.2f}x)  "
+          f"plain copy {w['plain_copy_GBps']:.1f} GB/s")
+    print(f"bookkeeping: {results['bookkeeping_blocks_per_s']:,.0f} blocks/s")
+    os.sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
