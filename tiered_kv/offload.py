@@ -37,7 +37,7 @@ import torch
 from .blocks import ImmutableBlock
 from .errors import DiskFullError, TieredKvError
 from .pool import BlockPool
-from .transfer import TransferStreams, copy_between
+from .transfer import TransferStreams, copy_between, copy_slots, snapshot_slots
 from .workqueue import WorkQueue
 
 __all__ = [
@@ -197,7 +197,9 @@ class InflightSource(SnapshotSource):
         self._data: dict[bytes, tuple[torch.Tensor, bytes | None]] = {}
         self._by_hash = self._data  # what the manager's run detection reads
 
-    def put(self, hashes: Sequence[bytes], data: torch.Tensor, tokens: Sequence[bytes | None]) -> None:
+    def put(
+        self, hashes: Sequence[bytes], data: torch.Tensor | Sequence[torch.Tensor], tokens: Sequence[bytes | None]
+    ) -> None:
         with self._lock:
             for i, h in enumerate(hashes):
                 self._data[h] = (data[i], tokens[i])
@@ -263,7 +265,7 @@ class _Job:
     lower: BlockPool
     pair: str
     hashes: list[bytes]
-    data: torch.Tensor
+    data: list[torch.Tensor]  # one snapshot per block, in aligned staging memory: written to disk in place
     tokens: list[bytes | None]
     queued_at: float
 
@@ -355,8 +357,7 @@ class OffloadScheduler:
         try:
             dst = lower.allocate_blocks(len(todo)) if todo else []
             if dst:
-                data, _ = upper.storage.gather([s for _, s in todo])
-                lower.scatter(dst, data)
+                copy_slots(upper.storage, [s for _, s in todo], lower, dst)
                 toks = [upper._tokens[s] for _, s in todo]
                 lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo], tokens=toks))
         except TieredKvError:
@@ -377,10 +378,12 @@ class OffloadScheduler:
             self.counters.add(dropped_demotions=dropped)
         if not take:
             return
-        # A memory copy (device->host when the upper tier is the device): never disk I/O on this path.
+        # A memory copy (device->host when the upper tier is the device) into aligned staging buffers that the
+        # writer hands to the file as they are: never disk I/O on this path.
+        staging = lower.storage.staging
+        assert staging is not None  # persistent storages have one
         try:
-            data, _ = upper.storage.gather([s for _, s in take])
-            data = data.to("cpu")
+            data = snapshot_slots(upper.storage, [s for _, s in take], staging)
         except BaseException:
             self.queue.unreserve(len(take))
             raise
@@ -400,8 +403,8 @@ class OffloadScheduler:
                 dropped = len(todo) - len(dst)
                 todo = todo[: len(dst)]
                 if dst:
-                    idx = torch.tensor([i for i, _ in todo])
-                    lower.scatter(dst, job.data.index_select(0, idx))
+                    # The snapshots stay referenced by the job until registration: staged without a copy.
+                    lower.stage_views(dst, [job.data[i] for i, _ in todo], borrow=True)
                     toks = [job.tokens[i] for i, _ in todo]
                     lower.release_blocks(lower.register_blocks(dst, [h for _, h in todo], tokens=toks))
                     written = len(dst)
@@ -492,7 +495,8 @@ class OffloadScheduler:
             held_now = held[: len(dst)]
             if not dst:
                 return 0
-            bad = set(copy_between(upper, held_now, lower, dst, self.streams))
+            # The sources stay held until their copies are registered below: the copy may borrow their slots.
+            bad = set(copy_between(upper, held_now, lower, dst, self.streams, borrow=True))
             good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in bad]
             lower.release_blocks([d for i, d in enumerate(dst) if i in bad])
             if good:

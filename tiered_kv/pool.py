@@ -685,9 +685,7 @@ class BlockPool:
 
         Blocks failing verification are dropped from this pool (and counted as corrupt).
         """
-        for i, b in enumerate(blocks):
-            if b._released or b._pool is not self:
-                raise InvalidBlockError(f"blocks[{i}]: {b!r} is released or from another pool")
+        self._check_handles(blocks)
         data, bad = self.storage.gather([b.block_id for b in blocks], out)
         if bad:
             self.invalidate(
@@ -695,11 +693,40 @@ class BlockPool:
             )
         return data, bad
 
-    def scatter(self, blocks: Sequence[MutableBlock], data: torch.Tensor) -> None:
-        """Fill many mutable blocks from ``data`` (``[n, layers, outer, page, inner]``) in one call."""
+    def read_into(self, blocks: Sequence[_Block], outs: Sequence[torch.Tensor]) -> list[int]:
+        """Read held blocks straight into ``outs`` (one contiguous block tensor each, e.g. another tier's slots).
+
+        For storages that do I/O (``storage.persistent``). Returns the indices that failed verification; those
+        blocks are dropped from this pool and counted as corrupt, as :meth:`gather` does.
+        """
+        self._check_handles(blocks)
+        bad = self.storage.read_into([b.block_id for b in blocks], outs)
+        if bad:
+            self.invalidate(
+                [b.sequence_hash for i in bad if isinstance(b := blocks[i], ImmutableBlock)], corrupt=True
+            )
+        return bad
+
+    def stage_views(self, blocks: Sequence[MutableBlock], views: Sequence[torch.Tensor], *, borrow: bool) -> None:
+        """Fill mutable blocks of a persistent tier from block tensors (see ``DiskStorage.stage_views``):
+        ``borrow=True`` copies nothing and the mover keeps the tensors intact until the blocks are registered or
+        released; ``borrow=False`` copies each once into aligned staging."""
+        self._check_mutable(blocks)
+        self.storage.stage_views([b.block_id for b in blocks], views, borrow=borrow)
+
+    def _check_handles(self, blocks: Sequence[_Block]) -> None:
+        for i, b in enumerate(blocks):
+            if b._released or b._pool is not self:
+                raise InvalidBlockError(f"blocks[{i}]: {b!r} is released or from another pool")
+
+    def _check_mutable(self, blocks: Sequence[MutableBlock]) -> None:
         for i, b in enumerate(blocks):
             if type(b) is not MutableBlock or b._released or b._pool is not self:
                 raise InvalidBlockError(f"blocks[{i}]: {b!r} is not a live MutableBlock of the {self.tier} pool")
+
+    def scatter(self, blocks: Sequence[MutableBlock], data: torch.Tensor) -> None:
+        """Fill many mutable blocks from ``data`` (``[n, layers, outer, page, inner]``) in one call."""
+        self._check_mutable(blocks)
         self.storage.scatter([b.block_id for b in blocks], data)
 
     # ------------------------------------------------------------------------------------------------- removal

@@ -1,8 +1,9 @@
 """The one path that moves block bytes between tiers.
 
-Every copy between pools (promotion on match, demotion on eviction, explicit swaps) goes through
-:func:`copy_between`: one gather on the source storage and one scatter on the destination per call, whatever the
-number of blocks. With CUDA, device<->host copies are issued on a dedicated stream and synchronised with an
+Every copy between pools (promotion on match, demotion on eviction, cleaning, explicit swaps and copies) goes
+through :func:`copy_between`, called by the offload scheduler: it picks the path with the fewest copies that the two
+storages' capability flags allow (arena runs, disk reads straight into arena slots, disk writes straight from arena
+slots or snapshots). With CUDA, device<->host copies are issued on a dedicated stream and synchronised with an
 event before the destination block is registered, so a block is never matchable before its bytes have landed.
 """
 
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .blocks import ImmutableBlock, MutableBlock
 from .errors import InvalidBlockError
 from .pool import BlockPool
+from .storage.base import BlockStorage
 from .storage.memory import TensorArena, copy_arena_slots
+from .storage.staging import StagingPool
 
-__all__ = ["copy_between", "TransferStreams"]
+__all__ = ["copy_between", "copy_slots", "snapshot_slots", "TransferStreams"]
 
 
 class TransferStreams:
@@ -39,13 +43,29 @@ class TransferStreams:
 
 
 def copy_between(
-    src_pool: BlockPool,
-    src: Sequence[ImmutableBlock | MutableBlock],
+    src_pool: BlockPool | Any,
+    src: Sequence[ImmutableBlock | MutableBlock | Any],
     dst_pool: BlockPool,
     dst: Sequence[MutableBlock],
     streams: TransferStreams | None = None,
+    *,
+    borrow: bool = False,
 ) -> list[int]:
-    """Copy the bytes of ``src`` blocks into ``dst`` blocks, one gather and one scatter.
+    """Copy the bytes of ``src`` blocks into ``dst`` blocks by the shortest path the storages allow.
+
+    Paths, picked from the storages' capability flags:
+
+    * arena -> arena: one ``copy_`` per run of consecutive slots (DMA from pinned memory under CUDA);
+    * disk -> arena with direct slots: each block is read (and verified) straight into its destination slot;
+    * arena or snapshot -> disk: the block is staged as a view of its slot / snapshot (``borrow=True``: the caller
+      keeps the source held until the destination is registered) or copied once into aligned staging, then
+      written from there by the registration;
+    * snapshot -> arena: one copy per block into its slot;
+    * otherwise one gather and one scatter.
+
+    Args:
+        src_pool: a pool, or a snapshot source (blocks carrying their bytes, see ``tiered_kv.sources``).
+        borrow: see above (the scheduler's movers, which hold their sources until registration).
 
     Returns:
         Indices of source blocks whose data failed verification (disk checksum); their destination blocks hold
@@ -55,40 +75,86 @@ def copy_between(
         raise ValueError(f"src and dst differ in length: {len(src)} != {len(dst)}")
     if not src:
         return []
+    for i, b in enumerate(dst):
+        if type(b) is not MutableBlock or b.released or b.pool is not dst_pool:
+            raise InvalidBlockError(f"dst[{i}]: {b!r} is not a live MutableBlock of the {dst_pool.tier} pool")
+    for i, sb in enumerate(src):
+        if sb.released or (isinstance(src_pool, BlockPool) and sb.pool is not src_pool):
+            raise InvalidBlockError(f"src[{i}]: {sb!r} is released or from another pool")
     stream = streams.stream() if streams is not None else None
-    direct = isinstance(getattr(src_pool, "storage", None), TensorArena) and isinstance(dst_pool.storage, TensorArena)
-    if direct:
-        # Arena to arena: no gather tensor, one copy per run of consecutive slots (DMA from pinned memory).
-        for i, b in enumerate(dst):
-            if type(b) is not MutableBlock or b.released or b.pool is not dst_pool:
-                raise InvalidBlockError(f"dst[{i}]: {b!r} is not a live MutableBlock of the {dst_pool.tier} pool")
-        for i, s in enumerate(src):
-            if s.released or s.pool is not src_pool:
-                raise InvalidBlockError(f"src[{i}]: {s!r} is released or from another pool")
-        src_arena, dst_arena = src_pool.storage, dst_pool.storage
-        assert isinstance(src_arena, TensorArena) and isinstance(dst_arena, TensorArena)
-        if stream is None:
-            copy_arena_slots(src_arena, [b.block_id for b in src], dst_arena, [b.block_id for b in dst])
-            return []
-        with torch.cuda.stream(stream):
-            copy_arena_slots(src_arena, [b.block_id for b in src], dst_arena, [b.block_id for b in dst])
-            event = torch.cuda.Event()
-            event.record(stream)
-        event.synchronize()
-        return []
-    # A storage that can read straight into GPU memory (the disk tier through kvikio/GDS) gets a CUDA buffer.
-    out = None
-    if dst_pool.storage.device.type == "cuda" and getattr(getattr(src_pool, "storage", None), "accepts_cuda", False):
-        out = torch.empty((len(src), *dst_pool.model.block_shape), dtype=dst_pool.model.torch_dtype,
-                          device=dst_pool.storage.device)
     if stream is None:
-        data, bad = src_pool.gather(src, out)
-        dst_pool.scatter(dst, data)
-        return bad
+        return _copy(src_pool, src, dst_pool, dst, borrow)
     with torch.cuda.stream(stream):
-        data, bad = src_pool.gather(src, out)
-        dst_pool.scatter(dst, data)
+        bad = _copy(src_pool, src, dst_pool, dst, borrow)
         event = torch.cuda.Event()
         event.record(stream)
     event.synchronize()
     return bad
+
+
+def _copy(
+    src_pool: Any, src: Sequence[Any], dst_pool: BlockPool, dst: Sequence[MutableBlock], borrow: bool
+) -> list[int]:
+    dst_store = dst_pool.storage
+    snapshots = not isinstance(src_pool, BlockPool)
+    src_store = None if snapshots else src_pool.storage
+    if isinstance(src_store, TensorArena) and isinstance(dst_store, TensorArena):
+        copy_arena_slots(src_store, [b.block_id for b in src], dst_store, [b.block_id for b in dst])
+        return []
+    if dst_store.persistent:
+        if snapshots:
+            views = [b.data for b in src]
+        elif src_store is not None and src_store.direct_slots:
+            views = [src_store.slot_view(b.block_id) for b in src]
+        else:
+            views = None
+        if views is not None:
+            dst_pool.stage_views(dst, views, borrow=borrow)
+            return []
+    reads_here = dst_store.device.type == "cpu" or (src_store is not None and src_store.accepts_cuda)
+    if dst_store.direct_slots and reads_here:
+        outs = [dst_store.slot_view(b.block_id) for b in dst]
+        if snapshots:
+            non_blocking = dst_store.device.type == "cuda"
+            for o, b in zip(outs, src):
+                o.copy_(b.data, non_blocking=non_blocking)
+            return []
+        if src_store is not None and src_store.persistent:
+            return src_pool.read_into(src, outs)
+    # A storage that can read straight into GPU memory (the disk tier through kvikio/GDS) gets a CUDA buffer.
+    out = None
+    if dst_store.device.type == "cuda" and src_store is not None and src_store.accepts_cuda:
+        out = torch.empty((len(src), *dst_pool.model.block_shape), dtype=dst_pool.model.torch_dtype,
+                          device=dst_store.device)
+    data, bad = src_pool.gather(src, out)
+    dst_pool.scatter(dst, data)
+    return bad
+
+
+def copy_slots(src: BlockStorage, slots: Sequence[int], dst_pool: BlockPool, dst: Sequence[MutableBlock]) -> None:
+    """Copy victims' bytes (slots just evicted from ``src``, still intact under its pool's lock) into ``dst``."""
+    dst_store = dst_pool.storage
+    if isinstance(src, TensorArena) and isinstance(dst_store, TensorArena):
+        copy_arena_slots(src, slots, dst_store, [b.block_id for b in dst])
+        return
+    if src.direct_slots and dst_store.persistent:
+        dst_pool.stage_views(dst, [src.slot_view(s) for s in slots], borrow=False)
+        return
+    data, _ = src.gather(slots)
+    dst_pool.scatter(dst, data)
+
+
+def snapshot_slots(src: BlockStorage, slots: Sequence[int], staging: StagingPool) -> list[torch.Tensor]:
+    """Copy slots into host staging buffers (one copy each), e.g. victims queued toward the disk tier."""
+    bufs = staging.take(len(slots))
+    non_blocking = src.device.type == "cuda" and staging.pinned
+    if src.direct_slots:
+        for b, s in zip(bufs, slots):
+            b.copy_(src.slot_view(s), non_blocking=non_blocking)
+    else:
+        data, _ = src.gather(slots)
+        for i, b in enumerate(bufs):
+            b.copy_(data[i])
+    if non_blocking:
+        torch.cuda.current_stream(src.device).synchronize()
+    return bufs

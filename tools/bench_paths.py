@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_disk import _drop_cache, bench_fio  # noqa: E402
+from bench_disk import _drop_cache, bench_fio
 
-from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig, ModelConfig  # noqa: E402
-from tiered_kv.storage.disk import DiskStore  # noqa: E402
+from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig, ModelConfig
+from tiered_kv.storage.disk import DiskStore
 
 MODELS = {
     "2MiB": ModelConfig(num_layers=32, outer_dim=2, page_size=16, inner_dim=1024, dtype="float16"),

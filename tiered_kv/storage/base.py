@@ -1,7 +1,8 @@
 """The interface a block pool uses to reach its bytes.
 
-Storage knows slots and bytes, never hashes' eviction order. The pool calls it outside of its own bookkeeping
-lock whenever the call may do I/O.
+Storage knows slots and bytes, never hashes' eviction order. The pool calls it under its own bookkeeping lock
+for slot bookkeeping (``discard`` at eviction deletes registry rows there); data I/O (``commit`` of a registration,
+``gather`` / ``read_into`` of held blocks) runs outside it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ModelConfig
+from .staging import StagingPool
 
 __all__ = ["BlockStorage"]
 
@@ -23,8 +25,17 @@ class BlockStorage(ABC):
     model: ModelConfig
     num_blocks: int
     device: torch.device
-    #: True when data is only reachable through I/O (the disk tier): the pool then stages mutable blocks.
+    # Capability flags: the mover (``tiered_kv.transfer.copy_between``) picks its copy path from these, never by
+    # probing for attributes.
+    #: Data is only reachable through I/O (the disk tier): mutable blocks are staged; :meth:`read_into` and
+    #: :meth:`stage_views` move bytes without an intermediate batch.
     persistent: bool = False
+    #: Every slot is one contiguous range of bytes that :meth:`slot_view` returns (a fully_contiguous arena).
+    direct_slots: bool = False
+    #: :meth:`read_into` may target CUDA memory (the disk tier through kvikio / GPUDirect Storage).
+    accepts_cuda: bool = False
+    #: Reused aligned host buffers for bytes on their way to this storage (persistent storages).
+    staging: StagingPool | None = None
 
     @abstractmethod
     def mutable_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
@@ -45,6 +56,18 @@ class BlockStorage(ABC):
     @abstractmethod
     def scatter(self, slots: Sequence[int], data: torch.Tensor) -> None:
         """Copy ``data`` (``[n, layers, outer, page, inner]``) into many slots in one call."""
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The slot's bytes as one contiguous ``[layers, outer, page, inner]`` tensor (when ``direct_slots``)."""
+        raise NotImplementedError(f"the {self.tier} storage has no direct slot views")
+
+    def read_into(self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
+        """Read slots straight into ``out`` (one contiguous block tensor each); returns failed indices."""
+        raise NotImplementedError(f"the {self.tier} storage does not read by I/O")
+
+    def stage_views(self, slots: Sequence[int], views: Sequence[torch.Tensor], *, borrow: bool = True) -> None:
+        """Stage block tensors for the next commit (persistent storages)."""
+        raise NotImplementedError(f"the {self.tier} storage does not stage blocks")
 
     def check_batch(self, n: int, data: torch.Tensor) -> None:
         """Refuse data that is not ``[n, layers, outer, page, inner]`` of the model dtype (no broadcasting)."""

@@ -62,6 +62,8 @@ class TensorArena(BlockStorage):
         # memcpy speed while index_copy_/index_select crawl (1.5 vs 18 GB/s for 32 KiB pieces); on CUDA one
         # batched index kernel beats many small launches once slots are scattered.
         self._index_ops = self.device.type == "cuda"
+        # fully_contiguous: a slot is one contiguous range of bytes (4 KiB-aligned on the CPU), see slot_view.
+        self.direct_slots = self._whole is not None
 
     @property
     def nbytes(self) -> int:
@@ -78,11 +80,6 @@ class TensorArena(BlockStorage):
     def read_view(self, slot: int, layer: int, outer: int) -> torch.Tensor:
         # torch has no read-only tensors; a copy keeps shared, registered data immutable.
         return self._layers[layer][slot, outer].clone()
-
-    @property
-    def direct_slots(self) -> bool:
-        """Whether every slot is one contiguous range of bytes (:meth:`slot_view`), 4 KiB-aligned on the CPU."""
-        return self._whole is not None
 
     def slot_view(self, slot: int) -> torch.Tensor:
         """The slot's bytes as one contiguous ``[layers, outer, page, inner]`` tensor (fully_contiguous only).
@@ -154,7 +151,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin
     if device.type != "cpu" or pin_memory:
         return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)  # page-aligned already
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros(nbytes + _ALIGN, dtype=np.uint8)
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    raw.fill(0)  # touch every page now, as torch.zeros does: not on the first copy into a slot
     start = (-raw.ctypes.data) % _ALIGN
     return torch.from_numpy(raw[start : start + nbytes]).view(dtype).reshape(shape)
 

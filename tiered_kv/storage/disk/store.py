@@ -553,6 +553,11 @@ class DiskStore:
         return self.capacity_
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
+
+    @property
     def backend_name(self) -> str:
         """Backend name: "posix", "kvikio" or a wrapper's name such as "faults(posix)"."""
         return self.backend.name
@@ -585,6 +590,35 @@ class DiskStore:
         if t.is_cuda and not self.backend.accepts_cuda and what == "out":
             raise DiskTierError(f"backend {self.backend_name} cannot read into CUDA memory; pass a CPU tensor")
 
+    def _flat_blocks(self, data: torch.Tensor | Sequence[torch.Tensor], n: int, what: str) -> list[torch.Tensor]:
+        """``n`` one-dimensional uint8 views, one per block, of a batch tensor or a sequence of block tensors."""
+        if isinstance(data, torch.Tensor):
+            self._check_tensor(data, n, what)
+            if data.is_cuda and not self.backend.accepts_cuda:
+                if what == "out":
+                    raise DiskTierError(f"backend {self.backend_name} cannot read into CUDA memory; pass a CPU tensor")
+                data = data.cpu()
+            if what == "out" and not data.is_contiguous():
+                raise DiskTierError("out must be contiguous")
+            return list(data.contiguous().view(torch.uint8).reshape(n, self.block_size)) if n else []
+        blocks = list(data)
+        if len(blocks) != n:
+            raise DiskTierError(f"{what}: expected {n} block tensors, got {len(blocks)}")
+        shape, dtype = self.model.block_shape, self.model.torch_dtype
+        out = []
+        for i, t in enumerate(blocks):
+            if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+                raise DiskTierError(
+                    f"{what}[{i}] must be a contiguous {self.model.dtype} tensor shaped {list(shape)}, "
+                    f"got {t.dtype} {list(t.shape)}"
+                )
+            if t.is_cuda and not self.backend.accepts_cuda:
+                if what == "out":
+                    raise DiskTierError(f"backend {self.backend_name} cannot read into CUDA memory; pass a CPU tensor")
+                t = t.cpu()
+            out.append(t.view(torch.uint8).reshape(self.block_size))
+        return out
+
     def _commit(self, puts: dict[bytes, Row] | None = None, deletes: Sequence[bytes] = ()) -> None:
         """One registry transaction carrying ``puts``, ``deletes`` and every pending touch.
 
@@ -607,7 +641,7 @@ class DiskStore:
         self,
         hashes: Sequence[bytes],
         slots: Sequence[int],
-        data: torch.Tensor,
+        data: torch.Tensor | Sequence[torch.Tensor],
         tokens: Sequence[bytes | None] | None = None,
     ) -> None:
         """Store ``data[i]`` under ``hashes[i]`` in free slot ``slots[i]``; all rows commit together.
@@ -617,8 +651,10 @@ class DiskStore:
         Args:
             hashes: sequence hashes, none of them already stored.
             slots: free slots (no live row), distinct, in ``[0, capacity)``.
-            data: ``[n, num_layers, outer_dim, page_size, inner_dim]`` in the model dtype; CPU, or CUDA for a
-                backend that accepts CUDA buffers (others stage it through host memory).
+            data: ``[n, num_layers, outer_dim, page_size, inner_dim]`` in the model dtype, or a sequence of ``n``
+                contiguous ``[num_layers, outer_dim, page_size, inner_dim]`` tensors (written straight from where
+                they lie, no stacking: 4 KiB-aligned ones without a bounce copy under O_DIRECT); CPU, or CUDA for
+                a backend that accepts CUDA buffers (others stage it through host memory).
 
         Raises:
             DiskFullError: ENOSPC, or the registry map is full. No row of this batch is committed.
@@ -628,55 +664,113 @@ class DiskStore:
         n = len(hashes)
         if len(slots) != n:
             raise DiskTierError(f"{n} hashes but {len(slots)} slots")
-        self._check_tensor(data, n, "data")
+        keys = [self._check_hash(h) for h in hashes]
+        if len(set(keys)) != n:
+            raise DiskTierError("hashes and slots of one write batch must be distinct")
+        with self._lock:
+            for key in keys:
+                if key in self._rows:
+                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+        checksums = self.write_data(slots, data)
+        self.commit_written(keys, slots, checksums, tokens)
+
+    def write_data(self, slots: Sequence[int], data: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
+        """Write block bytes into free slots WITHOUT registering them; returns their checksums.
+
+        The first half of :meth:`write_blocks`, for a caller that has the bytes before it has the hashes (a disk
+        block filled by ``scatter`` and registered later): the bytes go straight from ``data`` to the file, and
+        :meth:`commit_written` later commits the rows. Until then the slots hold unreferenced bytes, which a
+        crash leaves harmless (rule 1).
+
+        Raises:
+            DiskFullError / DiskTierError: as :meth:`write_blocks`; nothing is registered either way.
+        """
+        self._check_open(write=True)
+        n = len(slots)
+        flat = self._flat_blocks(data, n, "data")
+        if n == 0:
+            return []
+        slot_list = [int(s) for s in slots]
+        if len(set(slot_list)) != n:
+            raise DiskTierError("hashes and slots of one write batch must be distinct")
+        with self._lock:
+            for slot in slot_list:
+                if not 0 <= slot < self.capacity_:
+                    raise DiskTierError(f"slot {slot} is outside the disk tier (capacity {self.capacity_})")
+                if slot in self._by_slot or slot in self._inflight:
+                    raise DiskTierError(f"slot {slot} is not free (it holds a live block or is being written)")
+            self._inflight.update(slot_list)
+        try:
+            # Checksums come from the caller's bytes, not from what reached the disk: a torn or corrupted
+            # write then fails verification on read instead of being blessed here.
+            checksums = [_checksum(f if f.device.type == "cpu" else f.cpu()) for f in flat]
+            try:
+                self.backend.pwrite_blocks([self._op(s, flat[i]) for i, s in enumerate(slot_list)])
+            except OSError as exc:
+                # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
+                raise _os_error(exc, f"writing {n} blocks to {self.root}") from exc
+            self._data_dirty = True
+            return checksums
+        finally:
+            with self._lock:
+                self._inflight.difference_update(slot_list)
+
+    def read_data(self, slot: int, out: torch.Tensor) -> None:
+        """Read back the bytes :meth:`write_data` put in a still unregistered slot (no row, so no checksum)."""
+        self._check_open(write=True)
+        flat = self._flat_blocks([out], 1, "out")
+        err = self.backend.pread_blocks([self._op(int(slot), flat[0])])[0]
+        if err is not None:
+            raise _os_error(err, f"reading back slot {slot} of {self.root}")
+
+    def commit_written(
+        self,
+        hashes: Sequence[bytes],
+        slots: Sequence[int],
+        checksums: Sequence[int],
+        tokens: Sequence[bytes | None] | None = None,
+    ) -> None:
+        """Register blocks whose bytes :meth:`write_data` wrote: all rows in one transaction (the second half of
+        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first (rule 1).
+
+        Raises:
+            DiskTierError: a slot is taken or a hash already stored (nothing committed); registry failures.
+        """
+        self._check_open(write=True)
+        n = len(hashes)
+        if len(slots) != n or len(checksums) != n:
+            raise DiskTierError(f"{n} hashes but {len(slots)} slots and {len(checksums)} checksums")
         if n == 0:
             return
         keys = [self._check_hash(h) for h in hashes]
         slot_list = [int(s) for s in slots]
         if len(set(keys)) != n or len(set(slot_list)) != n:
             raise DiskTierError("hashes and slots of one write batch must be distinct")
-        if data.is_cuda and not self.backend.accepts_cuda:
-            data = data.cpu()
-        flat = data.contiguous().view(torch.uint8).reshape(n, self.block_size)
-        host = flat if flat.device.type == "cpu" else flat.cpu()
         with self._lock:
             for key, slot in zip(keys, slot_list, strict=True):
-                if not 0 <= slot < self.capacity_:
-                    raise DiskTierError(f"slot {slot} is outside the disk tier (capacity {self.capacity_})")
-                if slot in self._by_slot or slot in self._inflight:
-                    raise DiskTierError(f"slot {slot} is not free (it holds a live block or is being written)")
+                if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
+                    raise DiskTierError(f"slot {slot} is not a free slot of the disk tier")
                 if key in self._rows:
                     raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
-            self._inflight.update(slot_list)
-        try:
-            # Checksums come from the caller's bytes, not from what reached the disk: a torn or corrupted
-            # write then fails verification on read instead of being blessed here.
-            checksums = [_checksum(host[i]) for i in range(n)]
+        if self.durability == "sync":
             try:
-                self.backend.pwrite_blocks([self._op(s, flat[i]) for i, s in enumerate(slot_list)])
-                if self.durability == "sync":
-                    self.backend.sync()  # rule 1: data durable before its row commits
+                self.backend.sync()  # rule 1: data durable before its row commits
             except OSError as exc:
-                # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
-                raise _os_error(exc, f"writing {n} blocks to {self.root}") from exc
-            now = time.time()
-            rows: dict[bytes, Row] = {
-                k: [s, c, self.block_size, now, now, 0] for k, s, c in zip(keys, slot_list, checksums, strict=True)
-            }
-            if tokens is not None:
-                for k, t in zip(keys, tokens, strict=True):
-                    if t is not None:
-                        rows[k].append(bytes(t))
-            with self._commit_lock:
-                self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
-                with self._lock:
-                    self._rows.update(rows)
-                    for k, s in zip(keys, slot_list, strict=True):
-                        self._by_slot[s] = k
-            self._data_dirty = True
-        finally:
+                raise _os_error(exc, f"syncing {n} blocks to {self.root}") from exc
+        now = time.time()
+        rows: dict[bytes, Row] = {
+            k: [s, c, self.block_size, now, now, 0] for k, s, c in zip(keys, slot_list, checksums, strict=True)
+        }
+        if tokens is not None:
+            for k, t in zip(keys, tokens, strict=True):
+                if t is not None:
+                    rows[k].append(bytes(t))
+        with self._commit_lock:
+            self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
             with self._lock:
-                self._inflight.difference_update(slot_list)
+                self._rows.update(rows)
+                for k, s in zip(keys, slot_list, strict=True):
+                    self._by_slot[s] = k
 
     def delete(self, hashes: Sequence[bytes]) -> None:
         """Drop the rows of ``hashes`` (unknown ones are ignored) in one committed transaction.
@@ -714,12 +808,12 @@ class DiskStore:
         raw = aligned_empty(n * self.block_size)
         return raw.view(self.model.torch_dtype).reshape(n, *self.model.block_shape)
 
-    def _read_verify(self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor) -> list[int]:
-        """Read ``items`` into ``out`` and return the indices that failed (I/O error or checksum)."""
+    def _read_verify(self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor | list[torch.Tensor]) -> list[int]:
+        """Read ``items`` into ``out`` (a batch, or one flat uint8 view per block); return the indices that failed."""
         n = len(items)
-        flat = out.view(torch.uint8).reshape(n, self.block_size)
+        flat = out if isinstance(out, list) else list(out.view(torch.uint8).reshape(n, self.block_size))
         results = self.backend.pread_blocks([self._op(row[_SLOT], flat[i]) for i, (_, row) in enumerate(items)])
-        host = flat if flat.device.type == "cpu" else flat.cpu()
+        host = [f if f.device.type == "cpu" else f.cpu() for f in flat]
         bad: list[int] = []
         for i, (key, row) in enumerate(items):
             err = results[i]
@@ -782,6 +876,15 @@ class DiskStore:
         Raises:
             DiskTierError: a slot holds no live block, or the store is closed.
         """
+        if out is None:
+            out = self._alloc(len(slots))
+        return out, self.read_into(slots, out)
+
+    def read_into(self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
+        """Read the blocks in ``slots`` straight into ``out``: a batch tensor (see :meth:`read_blocks`) or a
+        sequence of contiguous ``[L, O, P, I]`` tensors, one per block (e.g. arena slots: 4 KiB-aligned ones are
+        read in place under O_DIRECT, no bounce copy, no staging). Returns the indices that failed, as
+        :meth:`read_blocks` does."""
         self._check_open()
         n = len(slots)
         with self._lock:
@@ -791,18 +894,13 @@ class DiskStore:
                 if key is None:
                     raise DiskTierError(f"slot {s} of disk tier {self.root} holds no block")
                 items.append((key, self._rows[key]))
-        if out is None:
-            out = self._alloc(n)
-        else:
-            self._check_tensor(out, n, "out")
-            if not out.is_contiguous():
-                raise DiskTierError("out must be contiguous")
+        flat = self._flat_blocks(out, n, "out")
         if n == 0:
-            return out, []
-        bad = self._read_verify(items, out)
+            return []
+        bad = self._read_verify(items, flat)
         if bad:
             self._drop_corrupt([items[i] for i in bad])
-        return out, bad
+        return bad
 
     # -- registry views -----------------------------------------------------------------------------
     def refresh(self) -> None:
