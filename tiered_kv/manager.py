@@ -360,19 +360,27 @@ class KvBlockManager:
             # free or evictable blocks, including top-tier blocks of this match that lie beyond the prefix.
             self.scheduler.wait_for_copies(top.tier, 0.2)
             room = top.available_blocks()
-            top_after = sum(1 for ti, _ in items if ti == 0)
+            # A prefix of k items fits when its lower-tier blocks fit in the room plus the top-tier blocks beyond
+            # it (released before we allocate); a top block inside the prefix stays held. Longer prefixes only
+            # shrink the slack, so take items while it stays non-negative.
+            top_beyond = sum(1 for ti, _ in items if ti == 0)
             keep, lower = 0, 0
             for ti, _ in items:
                 if ti:
-                    if lower + 1 > room + top_after:
-                        break
                     lower += 1
                 else:
-                    top_after -= 1
+                    top_beyond -= 1
+                if lower > room + top_beyond:
+                    break
                 keep += 1
             for _, b in items[keep:]:
                 b.release()  # beyond the prefix: make them evictable before we allocate (and demote)
+            lower = sum(1 for ti, _ in items[:keep] if ti)
             dst = top.allocate_up_to(lower)
+            if len(dst) < lower:
+                # A cleaning copy may have taken hold of top blocks since we sized the room: it ends soon.
+                self.scheduler.wait_for_copies(top.tier, 0.2)
+                dst += top.allocate_up_to(lower - len(dst))
             if len(dst) < lower:  # raced with other callers: shorten the prefix to the slots we got
                 covered = 0
                 for pos, (ti, _) in enumerate(items[:keep]):
@@ -586,7 +594,7 @@ class KvBlockManager:
         if mode == "aggressive":
             count = pool.total_blocks()
         else:
-            count = max(0, pool.total_blocks() // 4 - len(pool._free))
+            count = max(0, pool.total_blocks() // 4 - pool.free_blocks())
         return len(pool.evict_inactive(count))
 
     def _pool_named(self, tier: str | None) -> BlockPool:

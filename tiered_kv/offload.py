@@ -290,7 +290,7 @@ class OffloadScheduler:
         low_watermark: float = 0.25,
         clean_batch: int = 64,
         workers: int = 2,
-        clean_interval: float = 0.02,
+        clean_interval: float = 1.0,
     ) -> None:
         self.pools = pools
         self.streams = streams
@@ -308,6 +308,7 @@ class OffloadScheduler:
         self._copies_idle: dict[str, threading.Event] = {}
         self.inflight: dict[str, InflightSource] = {}
         self._threads: list[threading.Thread] = []
+        self._kicks: list[threading.Event] = []
         self._block_bytes = pools[0].model.block_size_bytes
         for upper, lower in itertools.pairwise(pools):
             if lower.storage.persistent:
@@ -324,6 +325,7 @@ class OffloadScheduler:
         for upper, lower in itertools.pairwise(pools):
             if not upper.storage.persistent:
                 kick = threading.Event()
+                self._kicks.append(kick)
                 upper.set_pressure_hook(self._reserve(upper), kick.set)
                 self._spawn(partial(self._cleaner, upper, lower, kick), f"tiered-kv-clean-{upper.tier}")
 
@@ -351,11 +353,12 @@ class OffloadScheduler:
 
     def _copy_now(self, upper: BlockPool, lower: BlockPool, pair: str, dirty: list[tuple[bytes, int]]) -> None:
         t0 = time.perf_counter()
-        room = lower.available_blocks()
-        dropped = max(0, len(dirty) - room)
-        todo = dirty[: len(dirty) - dropped]
+        todo = dirty
+        dropped = 0
         try:
-            dst = lower.allocate_blocks(len(todo)) if todo else []
+            dst = lower.allocate_up_to(len(dirty))
+            dropped = len(dirty) - len(dst)
+            todo = dirty[: len(dst)]
             if dst:
                 copy_slots(upper.storage, [s for _, s in todo], lower, dst)
                 toks = [upper._tokens[s] for _, s in todo]
@@ -429,6 +432,8 @@ class OffloadScheduler:
     # ---------------------------------------------------------------------------------------------- cleaning
     def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
         while not self._stop:
+            # Asleep until an allocation leaves the tier below its low watermark (the pool's pressure hook) or
+            # stop(); the timeout is only a safety net for room that appeared below without an allocation above.
             kick.wait(self.clean_interval)
             kick.clear()
             if self._stop:
@@ -451,10 +456,10 @@ class OffloadScheduler:
         upcoming = upper.eviction_candidates(want)
         dirty = [h for h in upcoming if h not in lower and (inflight is None or h not in inflight)]
         # Reserve = free slots + clean blocks among the next victims: evicting those costs no copy.
-        reserve = len(upper._free) + len(upcoming) - len(dirty)
+        reserve = upper.free_blocks() + len(upcoming) - len(dirty)
         n = budget if budget is not None else want - reserve
         candidates = dirty[: max(0, min(n, self.clean_batch))]
-        candidates = candidates[: self._room_below(upper, lower, len(candidates))]
+        candidates = candidates[: self._room_below(lower, len(candidates), set(upcoming))]
         if not candidates:
             return 0
         if inflight is not None and self.queue.depth >= self.queue.capacity:
@@ -508,20 +513,21 @@ class OffloadScheduler:
             self.counters.pair(f"{upper.tier}->{lower.tier}", n_ok)
             return n_ok
         finally:
-            upper.release_blocks(held)
+            upper.release_blocks(held, as_victims=True)  # copied down, not used: they stay the next victims
 
     @staticmethod
-    def _room_below(upper: BlockPool, lower: BlockPool, n: int) -> int:
-        """How many clean copies ``lower`` can take without evicting a copy that backs an ``upper`` block.
+    def _room_below(lower: BlockPool, n: int, upcoming: set[bytes]) -> int:
+        """How many clean copies ``lower`` can take without evicting a copy that backs one of ``upcoming`` (the
+        upper tier's next victims).
 
-        Evicting such a copy would make its upper block dirty again: with a lower tier smaller than the upper
-        one, cleaning would then chase its own tail forever.
+        Evicting such a copy would make that victim dirty again: cleaning would then chase its own tail. Lower
+        copies of upper blocks that are not about to leave may go (their upper copy is the hot one).
         """
-        room = len(lower._free)
+        room = lower.free_blocks()
         if room >= n:
             return n
         for h in lower.eviction_candidates(n - room):
-            if h in upper:
+            if h in upcoming:
                 break
             room += 1
         return min(n, room)
@@ -572,6 +578,8 @@ class OffloadScheduler:
         with self._lock:
             prefetcher, self._prefetcher = self._prefetcher, None
             self._stop = True  # cleaners stop; no new prefetch
+        for kick in self._kicks:
+            kick.set()
         if prefetcher is not None:
             prefetcher.shutdown(wait=True, cancel_futures=True)
         for t in self._threads:  # the cleaners first: they may still queue nothing, but they copy

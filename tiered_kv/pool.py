@@ -114,6 +114,10 @@ class BlockPool:
             self._drain_pending()
             return len(self._free) + self.policy.evictable_count()
 
+    def free_blocks(self) -> int:
+        """Free slots (not counting evictable blocks); a snapshot without taking the lock."""
+        return len(self._free)
+
     def usage_rate(self) -> float:
         """``(total - available) / total``."""
         return (self._n - self.available_blocks()) / self._n
@@ -556,8 +560,12 @@ class BlockPool:
             return n
 
     # -------------------------------------------------------------------------------------------------- release
-    def release_blocks(self, blocks: Iterable[_Block]) -> None:
-        """Release many handles with one lock acquisition; already-released handles are skipped."""
+    def release_blocks(self, blocks: Iterable[_Block], *, as_victims: bool = False) -> None:
+        """Release many handles with one lock acquisition; already-released handles are skipped.
+
+        ``as_victims``: the holds were a mover's (copying the blocks down), not uses: blocks that become
+        evictable go back among the policy's next victims instead of counting as recently used.
+        """
         with self._lock:
             if self._pending:
                 self._drain_pending()
@@ -577,7 +585,10 @@ class BlockPool:
                     if r >= 0:
                         refs[slot] = r
                         if r == 0 and not pins[slot]:
-                            policy.set_evictable(b.sequence_hash, True)
+                            if as_victims:
+                                policy.set_evictable_as_victim(b.sequence_hash)
+                            else:
+                                policy.set_evictable(b.sequence_hash, True)
                             freed = True
                     continue
                 freed |= self._release_slot(type(b) is MutableBlock, slot, b._gen)

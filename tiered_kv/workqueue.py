@@ -43,7 +43,11 @@ class WorkQueue(Generic[T]):
         self._units = 0  # reserved, queued or in progress
         self._busy = 0
         self._stopped = False
-        self.cond = threading.Condition()
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)  # state changes; drain() waits on it
+        # Workers sleep on their own condition over the same lock: only a new job or stop() wakes them, not every
+        # end of a busy() section (an idle manager's threads stay asleep).
+        self._work_cond = threading.Condition(lock)
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
@@ -77,7 +81,7 @@ class WorkQueue(Generic[T]):
         """Queue a job whose units were reserved."""
         with self.cond:
             self._jobs.append(job)
-            self.cond.notify()
+            self._work_cond.notify()
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -95,7 +99,7 @@ class WorkQueue(Generic[T]):
         while True:
             with self.cond:
                 while not self._jobs and not self._stopped:
-                    self.cond.wait()
+                    self._work_cond.wait()
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
@@ -118,7 +122,7 @@ class WorkQueue(Generic[T]):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self.cond.wait(0.1 if left is None else min(left, 0.1))
+                self.cond.wait(left)
         return True
 
     def stop(self, timeout: float = 10.0) -> list[T]:
@@ -130,6 +134,7 @@ class WorkQueue(Generic[T]):
             self._jobs.clear()
             self._units -= sum(self._size(j) for j in dropped)
             self.cond.notify_all()
+            self._work_cond.notify_all()
         for t in self._threads:
             t.join(timeout)
         return dropped

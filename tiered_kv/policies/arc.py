@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-from itertools import islice
 
 from .base import EvictionPolicy
 
@@ -113,6 +112,14 @@ class ARCPolicy(EvictionPolicy):
             self._held[key] = _T2
             self._held2 += 1
 
+    def set_evictable_as_victim(self, key: Hashable) -> None:
+        where = self._held.get(key, 0)
+        self.set_evictable(key, True)
+        if where == _T1:
+            self._t1.move_to_end(key, last=False)
+        elif where == _T2:
+            self._t2.move_to_end(key, last=False)
+
     def evict(self) -> Hashable | None:
         return self._replace(in_b2=False)
 
@@ -135,8 +142,21 @@ class ARCPolicy(EvictionPolicy):
         self.p = 0.0
 
     def candidates(self, n: int) -> list[Hashable]:
-        # REPLACE takes from T1 while |T1| > p, else from T2: the next victims lie at both LRU ends.
-        return list(islice(self._t1, n)) + list(islice(self._t2, n))
+        # The next n victims in the order evict() would take them: REPLACE takes T1's LRU end while |T1| > p,
+        # else T2's (evictions do not move p).
+        out: list[Hashable] = []
+        it1, it2 = iter(self._t1), iter(self._t2)
+        left1, left2 = len(self._t1), len(self._t2)
+        t1 = left1 + self._held1
+        while len(out) < n and (left1 or left2):
+            if (t1 >= 1 and t1 > self.p and left1) or not left2:
+                out.append(next(it1))
+                left1 -= 1
+                t1 -= 1
+            else:
+                out.append(next(it2))
+                left2 -= 1
+        return out
 
     # --- the paper's algorithm for one reference ---------------------------------------------------------------
     def request(self, key: Hashable) -> bool:

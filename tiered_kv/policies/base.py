@@ -38,6 +38,11 @@ class EvictionPolicy(ABC):
     def set_evictable(self, key: Hashable, evictable: bool) -> None:
         """Mark a cached entry as held (never returned by :meth:`evict`) or evictable again."""
 
+    def set_evictable_as_victim(self, key: Hashable) -> None:
+        """Make a held entry evictable again without counting the hold as a use: it goes back among the next
+        victims (a mover held it to copy it down). Policies without an order may keep the default."""
+        self.set_evictable(key, True)
+
     @abstractmethod
     def evict(self) -> Hashable | None:
         """Choose an evictable victim, forget it as a cached entry and return its key, or None."""

@@ -44,6 +44,12 @@ class LRUPolicy(EvictionPolicy):
             del self._lru[key]
             self._held.add(key)
 
+    def set_evictable_as_victim(self, key: Hashable) -> None:
+        held = key in self._held
+        self.set_evictable(key, True)
+        if held:
+            self._lru.move_to_end(key, last=False)
+
     def evict(self) -> Hashable | None:
         if not self._lru:
             return None
