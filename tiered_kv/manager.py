@@ -114,7 +114,14 @@ class KvBlockManager:
             self._sources.append(pool)
         self._remote: RemoteTier | None = None
         if config.remote is not None:
-            self._open_remote(config)
+            try:
+                self._open_remote(config)
+            except BaseException:
+                # Nothing may outlive a failed constructor: the scheduler's threads, the disk writer lock.
+                self.scheduler.stop(timeout=10.0)
+                self.events.close()
+                self._close_storages()
+                raise
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._peers: dict[str, dict[str, Any]] = {}
 
