@@ -23,13 +23,18 @@ from tiered_kv import (
 from tiered_kv.events import KvEvent
 
 
-def three_tier(path: Path, device: int = 4, host: int = 8, disk: int = 64) -> KvBlockManager:
+def three_tier(
+    path: Path, device: int = 4, host: int = 8, disk: int = 64, writeback_s: float | None = None
+) -> KvBlockManager:
+    """Three tiers; the eviction path alone by default (no background writeback)."""
     return KvBlockManager(
         KvBlockManagerConfig(
             model=SMALL,
             device=LayoutConfig(num_blocks=device),
             host=LayoutConfig(num_blocks=host),
-            disk=DiskConfig(path=str(path), num_blocks=disk, backend="posix", durability="none"),
+            disk=DiskConfig(
+                path=str(path), num_blocks=disk, backend="posix", durability="none", writeback_s=writeback_s
+            ),
             device_type="cpu",
         )
     )

@@ -31,6 +31,8 @@ class KvEvent:
     tier: str
     sequence_hashes: tuple[bytes, ...]
     timestamp: float
+    #: "stored" events: each block's parent hash (None: a chain head), so a router can rebuild the prefix tree.
+    parents: tuple[bytes | None, ...] | None = None
 
 
 @dataclass
@@ -59,10 +61,14 @@ class EventBus:
         """Whether anyone listens (pools skip publishing otherwise)."""
         return bool(self._subscribers)
 
-    def publish(self, kind: str, tier: str, hashes: list[bytes]) -> None:
+    def publish(
+        self, kind: str, tier: str, hashes: list[bytes], parents: list[bytes | None] | None = None
+    ) -> None:
         """Queue an event; safe under any lock (a deque append)."""
         if hashes and self._subscribers:
-            self._queue.append(KvEvent(kind, tier, tuple(hashes), time.time()))
+            self._queue.append(
+                KvEvent(kind, tier, tuple(hashes), time.time(), tuple(parents) if parents is not None else None)
+            )
             self._wake.set()
 
     def subscribe(self, callback: Callable[[KvEvent], None]) -> Callable[[], None]:

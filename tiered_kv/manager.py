@@ -104,7 +104,9 @@ class KvBlockManager:
         self._order = [self._pools[t] for t in TIERS if t in self._pools]
         for pool in self._order:
             pool.events = self.events
-        self.scheduler = OffloadScheduler(self._order, self._streams)
+        self.scheduler = OffloadScheduler(
+            self._order, self._streams, writeback_s=config.disk.writeback_s if config.disk is not None else None
+        )
         # Lookup order for matches: each pool, with the snapshots queued toward a disk tier just above it.
         self._sources: list[Source] = []
         for pool in self._order:
@@ -414,14 +416,16 @@ class KvBlockManager:
                 if bad:
                     cut = min(cut, min(entries[i][0] for i in bad))
                 toks = src.tokens_of([b for _, b in entries])
-                good = [(p, t, b.sequence_hash, k) for ((p, b), t, k) in zip(entries, targets, toks) if p < cut]
+                pars = src.parents_of([b for _, b in entries])
+                good = [(p, t, b.sequence_hash, k, q)
+                        for ((p, b), t, k, q) in zip(entries, targets, toks, pars) if p < cut]
                 top.release_blocks([t for (p, _), t in zip(entries, targets) if p >= cut])
                 if good:
                     registered = top.register_blocks(
-                        [t for _, t, _, _ in good], [h for _, _, h, _ in good], [k for _, _, _, k in good]
+                        [g[1] for g in good], [g[2] for g in good], [g[3] for g in good], parents=[g[4] for g in good]
                     )
-                    for (p, _, _, _), r in zip(good, registered):
-                        result[p] = r
+                    for g, r in zip(good, registered):
+                        result[g[0]] = r
                     n = len(good)
                     self.scheduler.counters.add(promotions=n, bytes_promoted=n * self.model.block_size_bytes)
                     self.scheduler.counters.pair(f"{src.tier}->{top.tier}", n)
@@ -485,7 +489,9 @@ class KvBlockManager:
             bad = copy_between(src, todo, dst, new, self._streams)
             if bad:
                 raise CorruptBlockError(f"{len(bad)} {src_tier} blocks failed verification while swapping")
-            registered = dst.register_blocks(new, [b.sequence_hash for b in todo], src.tokens_of(todo))
+            registered = dst.register_blocks(
+                new, [b.sequence_hash for b in todo], src.tokens_of(todo), parents=src.parents_of(todo)
+            )
         except BaseException:
             dst.release_blocks([*new, *present])
             raise
@@ -678,8 +684,10 @@ class KvBlockManager:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
-        """Wait until queued demotions are done and disk writes are durable."""
+        """Wait until queued demotions and the pending writeback are done and disk writes are durable."""
         self._check_open()
+        self.scheduler.drain()
+        self.scheduler.writeback_now()  # registrations not yet written back (DiskConfig.writeback_s)
         self.scheduler.drain()
         disk = self._pools.get("disk")
         if disk is not None:

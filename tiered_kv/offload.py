@@ -115,6 +115,7 @@ class OffloadCounters:
     corrupt_blocks: int = 0
     cleaned: int = 0
     shared_promotions: int = 0
+    written_back: int = 0
     per_pair: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -182,6 +183,10 @@ class SnapshotSource:
         """The token ids each block carries, where known."""
         return [b.tokens for b in blocks]
 
+    def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
+        """The parents of the blocks, where known (a remote block does not carry one)."""
+        return [None] * len(blocks)
+
     def release_blocks(self, blocks: Sequence[Any]) -> None:
         """Mark the handles released."""
         for b in blocks:
@@ -195,19 +200,32 @@ class InflightSource(SnapshotSource):
         self.tier = f"{tier}-queue"
         self._lock = threading.Lock()
         self._data: dict[bytes, tuple[torch.Tensor, bytes | None]] = {}
+        self._parents: dict[bytes, bytes | None] = {}
         self._by_hash = self._data  # what the manager's run detection reads
 
     def put(
-        self, hashes: Sequence[bytes], data: torch.Tensor | Sequence[torch.Tensor], tokens: Sequence[bytes | None]
+        self,
+        hashes: Sequence[bytes],
+        data: torch.Tensor | Sequence[torch.Tensor],
+        tokens: Sequence[bytes | None],
+        parents: Sequence[bytes | None] | None = None,
     ) -> None:
         with self._lock:
             for i, h in enumerate(hashes):
                 self._data[h] = (data[i], tokens[i])
+                if parents is not None:
+                    self._parents[h] = parents[i]
+
+    def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
+        """The parents the queued blocks were registered with."""
+        with self._lock:
+            return [self._parents.get(b.sequence_hash) for b in blocks]
 
     def drop(self, hashes: Sequence[bytes]) -> None:
         with self._lock:
             for h in hashes:
                 self._data.pop(h, None)
+                self._parents.pop(h, None)
 
     def __contains__(self, h: object) -> bool:
         return h in self._data
@@ -267,6 +285,7 @@ class _Job:
     hashes: list[bytes]
     data: list[torch.Tensor]  # one snapshot per block, in aligned staging memory: written to disk in place
     tokens: list[bytes | None]
+    parents: list[bytes | None]
     queued_at: float
 
 
@@ -291,6 +310,7 @@ class OffloadScheduler:
         clean_batch: int = 64,
         workers: int = 2,
         clean_interval: float = 1.0,
+        writeback_s: float | None = None,
     ) -> None:
         self.pools = pools
         self.streams = streams
@@ -302,6 +322,7 @@ class OffloadScheduler:
         self.clean_interval = clean_interval
         self.claims = PromotionClaims()
         self._stop = False
+        self._closing = False
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._copy_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -322,6 +343,17 @@ class OffloadScheduler:
             workers if any(p.storage.persistent for p in pools[1:]) else 0,
             "tiered-kv-writer",
         )
+        self.writeback_s = writeback_s
+        self._wb_lock = threading.Lock()
+        self._wb_kick = threading.Event()
+        self._wb_pending: list[tuple[int, BlockPool, bytes]] = []
+        self._wb_disk = next((p for p in pools if p.storage.persistent), None)
+        self._wb_pools = [p for p in pools if not p.storage.persistent and self._wb_disk is not None]
+        if writeback_s is not None and self._wb_pools:
+            seq = itertools.count().__next__  # atomic under the GIL: one order across all memory tiers
+            for p in self._wb_pools:
+                p.log_registrations(seq, self._wb_kick.set)
+            self._spawn(self._writeback_loop, "tiered-kv-writeback")
         for upper, lower in itertools.pairwise(pools):
             if not upper.storage.persistent:
                 kick = threading.Event()
@@ -362,7 +394,8 @@ class OffloadScheduler:
             if dst:
                 copy_slots(upper.storage, [s for _, s in todo], lower, dst)
                 toks = [upper._tokens[s] for _, s in todo]
-                lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo], tokens=toks))
+                pars = [upper._parents[s] for _, s in todo]
+                lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo], tokens=toks, parents=pars))
         except TieredKvError:
             log.exception("demotion of %d blocks %s failed", len(todo), pair)
             self.counters.add(failed_transfers=len(todo), dropped_demotions=dropped)
@@ -392,8 +425,9 @@ class OffloadScheduler:
             raise
         hashes = [h for h, _ in take]
         toks = [upper._tokens[s] for _, s in take]
-        inflight.put(hashes, data, toks)
-        self.queue.put(_Job(lower, pair, hashes, data, toks, time.perf_counter()))
+        pars = [upper._parents[s] for _, s in take]
+        inflight.put(hashes, data, toks, pars)
+        self.queue.put(_Job(lower, pair, hashes, data, toks, pars, time.perf_counter()))
 
     def _write(self, job: _Job) -> None:
         lower = job.lower
@@ -409,7 +443,10 @@ class OffloadScheduler:
                     # The snapshots stay referenced by the job until registration: staged without a copy.
                     lower.stage_views(dst, [job.data[i] for i, _ in todo], borrow=True)
                     toks = [job.tokens[i] for i, _ in todo]
-                    lower.release_blocks(lower.register_blocks(dst, [h for _, h in todo], tokens=toks))
+                    pars = [job.parents[i] for i, _ in todo]
+                    lower.release_blocks(
+                        lower.register_blocks(dst, [h for _, h in todo], tokens=toks, parents=pars)
+                    )
                     written = len(dst)
                 if dropped:
                     self.counters.add(dropped_demotions=dropped)
@@ -428,6 +465,70 @@ class OffloadScheduler:
             self.counters.add(demotions=written, bytes_demoted=written * self._block_bytes)
             self.counters.pair(job.pair, written)
             self.demote_latency.observe(time.perf_counter() - job.queued_at)
+
+    # --------------------------------------------------------------------------------------------- writeback
+    # Like an OS page cache: every block registered in a memory tier is written to the disk tier within
+    # writeback_s of its registration when the disk can take it, in registration order (a parent is registered
+    # before its children, so it is written first or in the same transaction). The memory copy stays: a later
+    # eviction of that block finds it on disk already and costs no write. Demotions go first: a pass waits while
+    # the demotion queue has work.
+    def _writeback_loop(self) -> None:
+        assert self.writeback_s is not None
+        period = max(0.01, self.writeback_s / 2)
+        while not self._stop:
+            self._wb_kick.wait(period)  # registrations kick it; a pass writes what has waited at least a while
+            if self._stop:
+                return
+            self._wb_kick.clear()
+            try:
+                self.writeback_now(min_age_s=0.0)
+            except TieredKvError as exc:
+                if not self._stop:
+                    log.warning("writeback failed: %s", exc)
+            except Exception:
+                log.exception("writeback failed")
+
+    def writeback_now(self, min_age_s: float = 0.0, batch: int = 64) -> int:
+        """Write every logged registration of the memory tiers that the disk tier lacks; returns blocks written.
+
+        ``flush()`` and ``close()`` call it so that a graceful restart is as warm as the disk allows.
+        """
+        disk = self._wb_disk
+        if disk is None or not self._wb_pools or self.writeback_s is None:
+            return 0
+        written = 0
+        with self._wb_lock, self.queue.busy():
+            for p in self._wb_pools:
+                self._wb_pending.extend((seq, p, h) for seq, h in p.take_registrations())
+            self._wb_pending.sort(key=lambda e: e[0])
+            pending, self._wb_pending = self._wb_pending, []
+            inflight = self.inflight.get(disk.tier)
+            i = 0
+            while i < len(pending) and not self._stop:
+                while self.queue.depth and not self._stop:  # demotions first
+                    self.queue.wait_idle(0.05)
+                chunk = pending[i : i + batch]
+                i += batch
+                by_pool: dict[str, tuple[BlockPool, list[bytes]]] = {}
+                for _, p, h in chunk:
+                    if h in p and h not in disk and (inflight is None or h not in inflight):
+                        by_pool.setdefault(p.tier, (p, []))[1].append(h)
+                for p, hs in by_pool.values():
+                    n = self.copy_down(p, disk, hs)
+                    written += n
+                    if n < len(hs):  # the disk could not take more now: retry later
+                        missing = [h for h in hs if h not in disk]
+                        self._wb_pending.extend((0, p, h) for h in missing)
+            if i < len(pending):
+                self._wb_pending.extend(pending[i:])
+        if written:
+            self.counters.add(written_back=written)
+        return written
+
+    def writeback_pending(self) -> int:
+        """Registrations not yet looked at by the writeback."""
+        with self._wb_lock:
+            return len(self._wb_pending)
 
     # ---------------------------------------------------------------------------------------------- cleaning
     def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
@@ -506,7 +607,10 @@ class OffloadScheduler:
             lower.release_blocks([d for i, d in enumerate(dst) if i in bad])
             if good:
                 toks = upper.tokens_of([b for b, _ in good])
-                registered = lower.register_blocks([d for _, d in good], [b.sequence_hash for b, _ in good], toks)
+                pars = upper.parents_of([b for b, _ in good])
+                registered = lower.register_blocks(
+                    [d for _, d in good], [b.sequence_hash for b, _ in good], toks, parents=pars
+                )
                 lower.release_blocks(registered)
             n_ok = len(good)
             self.counters.add(demotions=n_ok, bytes_demoted=n_ok * self._block_bytes)
@@ -540,7 +644,7 @@ class OffloadScheduler:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the background prefetch worker (dropped silently once stopping)."""
         with self._lock:
-            if self._stop:
+            if self._stop or self._closing:
                 return
             if self._prefetcher is None:
                 self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-kv-prefetch")
@@ -574,14 +678,22 @@ class OffloadScheduler:
         return self.queue.drain(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel prefetches, drain the queue (up to ``timeout``), then stop every thread."""
+        """Cancel prefetches, finish the writeback, drain the queue (up to ``timeout``), then stop every thread."""
         with self._lock:
             prefetcher, self._prefetcher = self._prefetcher, None
-            self._stop = True  # cleaners stop; no new prefetch
-        for kick in self._kicks:
-            kick.set()
+            self._closing = True  # no new prefetch
         if prefetcher is not None:
             prefetcher.shutdown(wait=True, cancel_futures=True)
+        # What memory tiers registered recently reaches the disk before the threads stop (graceful restarts).
+        try:
+            self.writeback_now()
+        except TieredKvError as exc:
+            log.warning("writeback at close failed: %s", exc)
+        with self._lock:
+            self._stop = True  # cleaners and the writeback stop
+        self._wb_kick.set()
+        for kick in self._kicks:
+            kick.set()
         for t in self._threads:  # the cleaners first: they may still queue nothing, but they copy
             t.join(timeout)
         dropped = sum(len(j.hashes) for j in self.queue.stop(timeout))
@@ -603,6 +715,7 @@ class OffloadScheduler:
                 "corrupt_blocks": c.corrupt_blocks,
                 "cleaned": c.cleaned,
                 "shared_promotions": c.shared_promotions,
+                "written_back": c.written_back,
                 "per_pair": dict(c.per_pair),
             }
         out["queue_depth"] = self.queue_depth()

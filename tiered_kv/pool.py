@@ -94,6 +94,12 @@ class BlockPool:
         # Token ids a block was registered with (little-endian uint32 bytes), when the caller gave them: a match
         # that brings its own tokens verifies them, so a hash collision is a miss instead of someone else's KV.
         self._tokens: list[bytes | None] = [None] * n
+        # Each registered block's parent (the previous block of its sequence; None: a chain head or unknown).
+        self._parents: list[bytes | None] = [None] * n
+        # Registrations a writeback wants to see, as (sequence number, hash), when one is attached.
+        self._written_log: deque[tuple[int, bytes]] | None = None
+        self._log_seq: Callable[[], int] | None = None
+        self._on_logged: Callable[[], None] | None = None
         self._by_hash: dict[bytes, int] = {}
         self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
         self._on_evict: EvictionHandler | None = None
@@ -318,7 +324,11 @@ class BlockPool:
 
     # --------------------------------------------------------------------------------------------- registration
     def register_blocks(
-        self, blocks: Sequence[MutableBlock], sequence_hashes: Sequence[bytes], tokens: Any = None
+        self,
+        blocks: Sequence[MutableBlock],
+        sequence_hashes: Sequence[bytes],
+        tokens: Any = None,
+        parents: Sequence[bytes | None] | None = None,
     ) -> list[ImmutableBlock]:
         """Make filled blocks immutable and matchable under their sequence hashes.
 
@@ -330,6 +340,8 @@ class BlockPool:
             sequence_hashes: one hash per block.
             tokens: optional, one entry per block: its ``page_size`` token ids, stored with the block so that a
                 later ``match_sequence_hashes(..., tokens=...)`` can verify them.
+            parents: optional, one entry per block: its parent's hash (None: a chain head). By default each hash's
+                ``.parent`` where it has one (``SequenceHash`` values from ``compute_sequence_hashes``), else None.
 
         Raises:
             ValueError: lengths differ, a hash has the wrong type or length, or a tokens entry is malformed.
@@ -337,6 +349,7 @@ class BlockPool:
                 is already registered with other token ids (a hash collision).
         """
         blocks = list(blocks)
+        pars = self._parents_of(sequence_hashes, parents)
         hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
         if len(blocks) != len(hashes):
             raise ValueError(f"blocks and sequence_hashes differ in length: {len(blocks)} != {len(hashes)}")
@@ -346,7 +359,7 @@ class BlockPool:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
-                return self._register_locked(blocks, hashes, toks)
+                return self._register_locked(blocks, hashes, toks, pars)
         with self._register_lock:
             with self._lock:
                 self._validate_mutable(blocks)
@@ -361,7 +374,47 @@ class BlockPool:
             if new:
                 self.storage.commit([s for s, _, _ in new], [h for _, h, _ in new], [t for _, _, t in new])
             with self._lock:
-                return self._register_locked(blocks, hashes, toks)
+                return self._register_locked(blocks, hashes, toks, pars)
+
+    def _parents_of(self, hashes: Sequence[bytes], parents: Sequence[bytes | None] | None) -> list[bytes | None]:
+        if parents is None:
+            return [getattr(h, "parent", None) for h in hashes]  # SequenceHash carries its parent
+        if isinstance(parents, (bytes, str)) or len(parents) != len(hashes):
+            got = len(parents) if hasattr(parents, "__len__") else type(parents).__name__
+            raise ValueError(f"parents: expected one entry per block ({len(hashes)}), got {got}")
+        out: list[bytes | None] = []
+        for i, p in enumerate(parents):
+            if p is not None and (not isinstance(p, (bytes, bytearray)) or len(p) != self.hash_length):
+                raise ValueError(f"parents[{i}]: expected None or {self.hash_length} bytes, got {p!r}")
+            out.append(bytes(p) if p is not None else None)
+        return out
+
+    def parent_of(self, sequence_hash: bytes) -> bytes | None:
+        """The parent recorded for a registered hash (None: a chain head, unknown, or not registered here)."""
+        with self._lock:
+            slot = self._by_hash.get(sequence_hash)
+            return self._parents[slot] if slot is not None else None
+
+    def parents_of(self, blocks: Sequence[_Block]) -> list[bytes | None]:
+        """The parent each held registered block was stored with."""
+        return [self._parents[b.block_id] for b in blocks]
+
+    def log_registrations(self, seq: Callable[[], int], wake: Callable[[], None]) -> None:
+        """Record every new registration for a background writeback, which drains :meth:`take_registrations`."""
+        with self._lock:
+            self._written_log = deque()
+            self._log_seq = seq
+            self._on_logged = wake
+
+    def take_registrations(self) -> list[tuple[int, bytes]]:
+        """The ``(sequence, hash)`` registrations logged since the last call, oldest first."""
+        with self._lock:
+            log = self._written_log
+            if not log:
+                return []
+            out = list(log)
+            log.clear()
+            return out
 
     def _encode_tokens(self, tokens: Any, n: int) -> list[bytes | None] | None:
         if tokens is None:
@@ -414,7 +467,11 @@ class BlockPool:
             seen.add(slot)
 
     def _register_locked(
-        self, blocks: list[MutableBlock], hashes: list[bytes], toks: list[bytes | None] | None = None
+        self,
+        blocks: list[MutableBlock],
+        hashes: list[bytes],
+        toks: list[bytes | None] | None = None,
+        pars: list[bytes | None] | None = None,
     ) -> list[ImmutableBlock]:
         by_hash, refs, pins, state, gen = self._by_hash, self._refs, self._pins, self._state, self._gen
         tokens = self._tokens
@@ -432,6 +489,7 @@ class BlockPool:
                 by_hash[h] = slot
                 slot_hash[slot] = h
                 tokens[slot] = toks[i] if toks is not None else None
+                self._parents[slot] = pars[i] if pars is not None else None
                 state[slot] = _REGISTERED
                 refs[slot] = 1
                 policy.insert(h, False)
@@ -454,8 +512,13 @@ class BlockPool:
         if stored:
             if self._on_stored is not None:
                 self._on_stored([(h, by_hash[h]) for h in stored])
+            if self._written_log is not None and self._log_seq is not None:
+                seq = self._log_seq
+                self._written_log.extend((seq(), h) for h in stored)
+                if self._on_logged is not None:
+                    self._on_logged()
             if self.events is not None and self.events.active:
-                self.events.publish("stored", self.tier, stored)
+                self.events.publish("stored", self.tier, stored, [self._parents[by_hash[h]] for h in stored])
         return out
 
     # ------------------------------------------------------------------------------------------------- matching
@@ -821,6 +884,7 @@ class BlockPool:
                 self._by_hash[h] = new
                 self._slot_hash[new], self._slot_hash[old] = h, None
                 self._tokens[new], self._tokens[old] = self._tokens[old], None
+                self._parents[new], self._parents[old] = self._parents[old], None
                 state[new], state[old] = _REGISTERED, _FREE
                 self._gen[new] += 1
                 self._gen[old] += 1

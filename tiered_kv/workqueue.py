@@ -114,6 +114,11 @@ class WorkQueue(Generic[T]):
                     self._units -= self._size(job)
                     self.cond.notify_all()
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job is queued (jobs in progress may still run); False on timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self._jobs, timeout)
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until no job is queued or in progress and no :meth:`busy` section runs; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
