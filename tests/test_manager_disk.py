@@ -135,7 +135,8 @@ def test_corrupt_disk_block_is_a_miss_and_dropped(tmp_path: Path) -> None:
 
 
 def test_persist_writes_memory_tiers_to_disk(tmp_path: Path) -> None:
-    with KvBlockManager(config(tmp_path)) as bm:
+    no_writeback = DiskConfig(path=str(tmp_path), num_blocks=32, backend="posix", writeback_s=None)
+    with KvBlockManager(config(tmp_path, disk=no_writeback)) as bm:
         hs = bm.sequence_hashes(list(range(4 * 4)))
         store(bm, hs)  # 4 blocks: they fit in the device tier, nothing was demoted
         assert bm.persist() >= 1

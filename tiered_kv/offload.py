@@ -26,6 +26,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class OffloadCounters:
     cleaned: int = 0
     shared_promotions: int = 0
     written_back: int = 0
+    reaped: int = 0
+    drops_by_cause: dict[str, int] = field(default_factory=dict)
     per_pair: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -215,6 +218,11 @@ class InflightSource(SnapshotSource):
                 self._data[h] = (data[i], tokens[i])
                 if parents is not None:
                     self._parents[h] = parents[i]
+
+    def children_of(self, h: bytes) -> list[bytes]:
+        """Queued hashes whose parent is ``h``."""
+        with self._lock:
+            return [c for c, p in self._parents.items() if p == h]
 
     def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
         """The parents the queued blocks were registered with."""
@@ -331,6 +339,9 @@ class OffloadScheduler:
         self._threads: list[threading.Thread] = []
         self._kicks: list[threading.Event] = []
         self._block_bytes = pools[0].model.block_size_bytes
+        self._lost: deque[bytes] = deque()  # hashes that left the hierarchy; their descendants are reaped
+        for pool in pools:
+            pool.set_removal_hook(self._lost.extend)
         for upper, lower in itertools.pairwise(pools):
             if lower.storage.persistent:
                 self.inflight[lower.tier] = InflightSource(lower.tier)
@@ -345,6 +356,7 @@ class OffloadScheduler:
         )
         self.writeback_s = writeback_s
         self._wb_lock = threading.Lock()
+        self._wb_done = threading.Condition()
         self._wb_kick = threading.Event()
         self._wb_pending: list[tuple[int, BlockPool, bytes]] = []
         self._wb_disk = next((p for p in pools if p.storage.persistent), None)
@@ -370,26 +382,79 @@ class OffloadScheduler:
     def _make_handler(self, upper: BlockPool, lower: BlockPool) -> Callable[[list[tuple[bytes, int]]], None]:
         pair = f"{upper.tier}->{lower.tier}"
         inflight = self.inflight.get(lower.tier)
+        below = self.pools[self.pools.index(upper) + 1 :]
+        # Where victims that the next memory tier cannot take go instead of being dropped: the disk queue.
+        disk = next((p for p in below[1:] if p.storage.persistent), None)
+        disk_queue = self.inflight.get(disk.tier) if disk is not None else None
 
         def on_evict(victims: list[tuple[bytes, int]]) -> None:
-            # Under upper's lock, before the victims' slots are reused: their bytes are intact.
-            dirty = [(h, s) for h, s in victims if h not in lower and (inflight is None or h not in inflight)]
+            # Under upper's lock, before the victims' slots are reused: their bytes are intact. A victim that some
+            # lower tier (or the disk queue) holds already is clean: the hierarchy keeps a copy.
+            dirty = [(h, s) for h, s in victims if not self._held_below(h, below)]
             if not dirty:
                 return
             if inflight is None:
-                self._copy_now(upper, lower, pair, dirty)
+                rest = self._copy_now(upper, lower, pair, dirty)
+                if rest and disk is not None and disk_queue is not None:
+                    # Never drop the only copy: what the next memory tier could not take goes to the disk.
+                    rest = self._enqueue(upper, disk, f"{upper.tier}->{disk.tier}", disk_queue, rest)
+                cause = "no_room_below"
             else:
-                self._enqueue(upper, lower, pair, inflight, dirty)
+                rest = self._enqueue(upper, lower, pair, inflight, dirty)
+                cause = "disk_queue_full"
+            if rest:
+                self._drop(rest, cause)
 
         return on_evict
 
-    def _copy_now(self, upper: BlockPool, lower: BlockPool, pair: str, dirty: list[tuple[bytes, int]]) -> None:
+    def _held_below(self, h: bytes, below: Sequence[BlockPool]) -> bool:
+        if any(h in p for p in below):
+            return True
+        return any(h in q for q in self.inflight.values())
+
+    def _drop(self, victims: Sequence[tuple[bytes, int]], cause: str) -> None:
+        """Victims that leave the hierarchy without a copy: counted by cause, their descendants reaped later."""
+        with self.counters.lock:
+            self.counters.dropped_demotions += len(victims)
+            self.counters.drops_by_cause[cause] = self.counters.drops_by_cause.get(cause, 0) + len(victims)
+        self._lost.extend(h for h, _ in victims)
+
+    def reap(self) -> int:
+        """Drop every block whose ancestor left the hierarchy (it is unreachable: a match stops at the first miss).
+
+        Runs outside every pool lock (writer and writeback threads, ``flush()``); returns how many were dropped.
+        """
+        dropped = 0
+        while self._lost:
+            todo: list[bytes] = []
+            while self._lost:
+                todo.append(self._lost.popleft())
+            gone = [h for h in todo if not any(h in p for p in self.pools) and not self._held_below(h, ())]
+            seen: set[bytes] = set()
+            frontier = gone
+            while frontier:
+                kids = [c for h in frontier for p in self.pools for c in p.children_of(h)]
+                kids += [c for h in frontier for q in self.inflight.values() for c in q.children_of(h)]
+                frontier = [c for c in dict.fromkeys(kids) if c not in seen]
+                seen.update(frontier)
+            if seen:
+                orphans = list(seen)
+                for q in self.inflight.values():
+                    q.drop(orphans)
+                for p in self.pools:
+                    dropped += p.invalidate(orphans)
+        if dropped:
+            self.counters.add(reaped=dropped)
+        return dropped
+
+    def _copy_now(
+        self, upper: BlockPool, lower: BlockPool, pair: str, dirty: list[tuple[bytes, int]]
+    ) -> list[tuple[bytes, int]]:
+        """Copy dirty victims into the memory tier below; returns those it could not take."""
         t0 = time.perf_counter()
         todo = dirty
-        dropped = 0
         try:
             dst = lower.allocate_up_to(len(dirty))
-            dropped = len(dirty) - len(dst)
             todo = dirty[: len(dst)]
             if dst:
                 copy_slots(upper.storage, [s for _, s in todo], lower, dst)
@@ -398,22 +463,39 @@ class OffloadScheduler:
                 lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo], tokens=toks, parents=pars))
         except TieredKvError:
             log.exception("demotion of %d blocks %s failed", len(todo), pair)
-            self.counters.add(failed_transfers=len(todo), dropped_demotions=dropped)
-            return
+            self.counters.add(failed_transfers=len(todo))
+            return dirty
         n = len(todo)
-        self.counters.add(demotions=n, bytes_demoted=n * self._block_bytes, dropped_demotions=dropped)
+        self.counters.add(demotions=n, bytes_demoted=n * self._block_bytes)
         self.counters.pair(pair, n)
         self.demote_latency.observe(time.perf_counter() - t0)
+        return dirty[n:]
+
+    @staticmethod
+    def _parents_first(upper: BlockPool, dirty: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        """Order victims so that a parent precedes its children in the batch: what overflows is chain tails."""
+        depth: dict[bytes, int] = {}
+        parent = {h: upper._parents[s] for h, s in dirty}
+        for h, _ in dirty:
+            chain = []
+            x: bytes | None = h
+            while x is not None and x in parent and x not in depth:
+                chain.append(x)
+                x = parent[x]
+            d = depth.get(x, -1) if x is not None else -1
+            for y in reversed(chain):
+                d += 1
+                depth[y] = d
+        return sorted(dirty, key=lambda e: depth[e[0]])
 
     def _enqueue(
         self, upper: BlockPool, lower: BlockPool, pair: str, inflight: InflightSource, dirty: list[tuple[bytes, int]]
-    ) -> None:
+    ) -> list[tuple[bytes, int]]:
+        """Snapshot dirty victims and queue them toward the disk; returns those the queue could not take."""
+        dirty = self._parents_first(upper, dirty)
         take = dirty[: self.queue.reserve(len(dirty))]
-        dropped = len(dirty) - len(take)
-        if dropped:
-            self.counters.add(dropped_demotions=dropped)
         if not take:
-            return
+            return dirty
         # A memory copy (device->host when the upper tier is the device) into aligned staging buffers that the
         # writer hands to the file as they are: never disk I/O on this path.
         staging = lower.storage.staging
@@ -428,16 +510,20 @@ class OffloadScheduler:
         pars = [upper._parents[s] for _, s in take]
         inflight.put(hashes, data, toks, pars)
         self.queue.put(_Job(lower, pair, hashes, data, toks, pars, time.perf_counter()))
+        return dirty[len(take) :]
 
     def _write(self, job: _Job) -> None:
         lower = job.lower
         inflight = self.inflight[lower.tier]
-        todo = [(i, h) for i, h in enumerate(job.hashes) if h not in lower]
+        # Hashes reaped while queued (an ancestor was lost) are no longer in the in-flight source: skip them.
+        todo = [(i, h) for i, h in enumerate(job.hashes) if h not in lower and h in inflight]
         written = 0
+        lost: list[tuple[bytes, int]] = []
         try:
             if todo:
                 dst = lower.allocate_up_to(len(todo))
-                dropped = len(todo) - len(dst)
+                # Parents precede children in a job: what finds no room is chain tails.
+                lost = [(h, -1) for _, h in todo[len(dst) :]]
                 todo = todo[: len(dst)]
                 if dst:
                     # The snapshots stay referenced by the job until registration: staged without a copy.
@@ -448,19 +534,25 @@ class OffloadScheduler:
                         lower.register_blocks(dst, [h for _, h in todo], tokens=toks, parents=pars)
                     )
                     written = len(dst)
-                if dropped:
-                    self.counters.add(dropped_demotions=dropped)
+            cause = "no_room_on_disk"
         except DiskFullError:
             log.warning("disk full: %d demoted blocks dropped", len(todo))
             self.counters.add(failed_transfers=len(todo))
-        except TieredKvError:
-            log.exception("writing %d demoted blocks (%s) failed", len(todo), job.pair)
+            lost += [(h, -1) for _, h in todo]
+            cause = "disk_full"
+        except Exception as exc:
+            if isinstance(exc, TieredKvError):
+                log.exception("writing %d demoted blocks (%s) failed", len(todo), job.pair)
+            else:
+                log.exception("unexpected error writing %d demoted blocks (%s)", len(todo), job.pair)
             self.counters.add(failed_transfers=len(todo))
-        except Exception:
-            log.exception("unexpected error writing %d demoted blocks (%s)", len(todo), job.pair)
-            self.counters.add(failed_transfers=len(todo))
+            lost += [(h, -1) for _, h in todo]
+            cause = "write_failed"
         finally:
             inflight.drop(job.hashes)  # after registration: the block is always findable somewhere
+        if lost:
+            self._drop([(h, s) for h, s in lost if not any(h in p for p in self.pools)], cause)
+        self.reap()
         if written:
             self.counters.add(demotions=written, bytes_demoted=written * self._block_bytes)
             self.counters.pair(job.pair, written)
@@ -521,14 +613,34 @@ class OffloadScheduler:
                         self._wb_pending.extend((0, p, h) for h in missing)
             if i < len(pending):
                 self._wb_pending.extend(pending[i:])
+        self.reap()
         if written:
             self.counters.add(written_back=written)
+        with self._wb_done:
+            self._wb_done.notify_all()
         return written
 
     def writeback_pending(self) -> int:
-        """Registrations not yet looked at by the writeback."""
+        """Registrations the writeback has not written (or found on disk) yet."""
         with self._wb_lock:
-            return len(self._wb_pending)
+            return len(self._wb_pending) + sum(p.logged_registrations() for p in self._wb_pools)
+
+    def wait_for_writeback(self, timeout: float | None = None) -> bool:
+        """Wait until the background writeback has caught up with every registration so far; False on timeout.
+
+        Waits on the writeback's passes (each pass notifies), not on a clock.
+        """
+        if self.writeback_s is None or not self._wb_pools:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wb_done:
+            while self.writeback_pending():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._wb_kick.set()
+                self._wb_done.wait(left)
+        return True
 
     # ---------------------------------------------------------------------------------------------- cleaning
     def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
@@ -716,6 +828,8 @@ class OffloadScheduler:
                 "cleaned": c.cleaned,
                 "shared_promotions": c.shared_promotions,
                 "written_back": c.written_back,
+                "reaped": c.reaped,
+                "drops_by_cause": dict(c.drops_by_cause),
                 "per_pair": dict(c.per_pair),
             }
         out["queue_depth"] = self.queue_depth()

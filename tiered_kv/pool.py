@@ -96,6 +96,7 @@ class BlockPool:
         self._tokens: list[bytes | None] = [None] * n
         # Each registered block's parent (the previous block of its sequence; None: a chain head or unknown).
         self._parents: list[bytes | None] = [None] * n
+        self._children: dict[bytes, set[bytes]] = {}  # parent hash -> registered hashes here that name it
         # Registrations a writeback wants to see, as (sequence number, hash), when one is attached.
         self._written_log: deque[tuple[int, bytes]] | None = None
         self._log_seq: Callable[[], int] | None = None
@@ -104,6 +105,9 @@ class BlockPool:
         self._pending: deque[tuple[int, int, int]] = deque()  # (kind, slot, gen) from finalizers
         self._on_evict: EvictionHandler | None = None
         self._on_stored: EvictionHandler | None = None  # write-through hook: new (hash, slot), under the lock
+        # Hashes dropped outside eviction (invalidate, reset): the scheduler reaps their descendants if they left
+        # every tier. Called under the lock: must only record (a deque extend).
+        self._on_removed: Callable[[list[bytes]], None] | None = None
         self._low_free = 0
         self._on_low_free: Callable[[], None] | None = None
         self.events: EventBus | None = None  # set by the manager; publishing is a deque append
@@ -192,6 +196,10 @@ class BlockPool:
         """Install the callback that sees victims before their slots are reused (the offload scheduler's hook)."""
         self._on_evict = handler
 
+    def set_removal_hook(self, hook: Callable[[list[bytes]], None] | None) -> None:
+        """Install the lock-free callback that sees hashes dropped by :meth:`invalidate` and :meth:`reset`."""
+        self._on_removed = hook
+
     def set_stored_handler(self, handler: EvictionHandler | None) -> None:
         """Install the callback that sees newly registered ``(hash, slot)`` pairs (write-through to a remote)."""
         self._on_stored = handler
@@ -264,8 +272,9 @@ class BlockPool:
         policy = self.policy
         by_hash, refs, pins, state = self._by_hash, self._refs, self._pins, self._state
         victims: list[tuple[bytes, int]] = []
+        taken: set[bytes] = set()
         for _ in range(count):
-            key = policy.evict()
+            key = self._pick_victim(taken)
             slot = by_hash.get(key) if isinstance(key, bytes) else None
             if slot is None or refs[slot] or pins[slot] or state[slot] != _REGISTERED:
                 # A misbehaving (user) policy: put back what was taken and refuse, rather than corrupt the pool.
@@ -275,10 +284,12 @@ class BlockPool:
                     f"eviction policy {type(policy).__name__} of the {self.tier} pool returned {key!r}, "
                     "which is not an evictable block of this pool"
                 )
-            victims.append((key, slot))  # type: ignore[arg-type]  # checked above: a bytes key of this pool
+            victims.append((key, slot))
+            taken.add(key)
         for h, slot in victims:
             del by_hash[h]
             self._slot_hash[slot] = None
+            self._unlink(h, slot)
             state[slot] = _FREE
         if self._on_evict is not None:
             self._on_evict(victims)
@@ -287,6 +298,56 @@ class BlockPool:
         if self.events is not None and self.events.active:
             self.events.publish("removed", self.tier, [h for h, _ in victims])
         return victims
+
+    def _pick_victim(self, taken: set[bytes]) -> Any:
+        """The policy's next victim; when it has evictable descendants here, its deepest one instead.
+
+        Within a chain, tails leave before heads (as vLLM's prefix cache frees them): a head's eviction would
+        leave its tail unreachable, since a match stops at the first miss. The substituted tail is removed from
+        the policy without a ghost; the head keeps its place.
+        """
+        policy = self.policy
+        if self._children:
+            peek = policy.candidates(1)
+            if peek and isinstance(peek[0], bytes) and peek[0] in self._children:
+                leaf = self._evictable_leaf(peek[0], taken)
+                if leaf is not None:
+                    policy.remove(leaf)
+                    return leaf
+        return policy.evict()
+
+    def _evictable_leaf(self, head: bytes, taken: set[bytes]) -> bytes | None:
+        """The deepest inactive descendant of ``head`` in this pool along one path (None when it has none)."""
+        by_hash, refs, pins, state, children = self._by_hash, self._refs, self._pins, self._state, self._children
+        found = None
+        node = head
+        while True:
+            nxt = None
+            for c in children.get(node, ()):
+                slot = by_hash.get(c)
+                if slot is not None and c not in taken and not refs[slot] and not pins[slot] and (
+                    state[slot] == _REGISTERED
+                ):
+                    nxt = c
+                    break
+            if nxt is None:
+                return found
+            found = node = nxt
+
+    def _unlink(self, h: bytes, slot: int) -> None:
+        """Forget ``h`` as its parent's child (it left this pool). Lock held."""
+        par = self._parents[slot]
+        if par is not None:
+            kids = self._children.get(par)
+            if kids is not None:
+                kids.discard(h)
+                if not kids:
+                    del self._children[par]
+
+    def children_of(self, sequence_hash: bytes) -> list[bytes]:
+        """Registered hashes of this pool whose parent is ``sequence_hash``."""
+        with self._lock:
+            return [c for c in self._children.get(sequence_hash, ()) if c in self._by_hash]
 
     def evict_inactive(self, count: int) -> list[tuple[bytes, int]]:
         """Evict up to ``count`` inactive blocks now and free their slots (used by ``trigger_eviction``)."""
@@ -406,6 +467,11 @@ class BlockPool:
             self._log_seq = seq
             self._on_logged = wake
 
+    def logged_registrations(self) -> int:
+        """Registrations logged and not yet taken by the writeback."""
+        log = self._written_log
+        return len(log) if log is not None else 0
+
     def take_registrations(self) -> list[tuple[int, bytes]]:
         """The ``(sequence, hash)`` registrations logged since the last call, oldest first."""
         with self._lock:
@@ -489,7 +555,14 @@ class BlockPool:
                 by_hash[h] = slot
                 slot_hash[slot] = h
                 tokens[slot] = toks[i] if toks is not None else None
-                self._parents[slot] = pars[i] if pars is not None else None
+                par = pars[i] if pars is not None else None
+                self._parents[slot] = par
+                if par is not None:
+                    kids = self._children.get(par)
+                    if kids is None:
+                        self._children[par] = {h}
+                    else:
+                        kids.add(h)
                 state[slot] = _REGISTERED
                 refs[slot] = 1
                 policy.insert(h, False)
@@ -812,6 +885,7 @@ class BlockPool:
                 slot = self._by_hash.pop(h, None)
                 if slot is None:
                     continue
+                self._unlink(h, slot)
                 self.policy.remove(h)
                 dropped.append((h, slot))
                 if self._refs[slot] == 0 and self._pins[slot] == 0:
@@ -823,6 +897,8 @@ class BlockPool:
             if corrupt:
                 self.metrics.corrupt += len(dropped)
             if dropped:
+                if self._on_removed is not None:
+                    self._on_removed([h for h, _ in dropped])
                 self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
                 self._room.notify_all()
                 if self.events is not None and self.events.active:
@@ -849,12 +925,15 @@ class BlockPool:
                 raise InvalidBlockError(f"cannot reset the {self.tier} pool: {held} blocks are held or pinned")
             dropped = [(h, s) for h, s in self._by_hash.items()]
             self._by_hash.clear()
+            self._children.clear()
             self.policy.clear()
             for _, slot in dropped:
                 self._state[slot] = _FREE
                 self._slot_hash[slot] = None
             self._free = list(range(self._n - 1, -1, -1))
             if dropped:
+                if self._on_removed is not None:
+                    self._on_removed([h for h, _ in dropped])
                 self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
                 if self.events is not None and self.events.active:
                     self.events.publish("removed", self.tier, [h for h, _ in dropped])
@@ -895,6 +974,7 @@ class BlockPool:
                 lost = [h for h in self._by_hash if h not in alive and refs[self._by_hash[h]] == 0]
                 for h in lost:
                     slot = self._by_hash.pop(h)
+                    self._unlink(h, slot)
                     self.policy.remove(h)
                     state[slot] = _FREE
                     self._slot_hash[slot] = None
