@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import torch
@@ -257,13 +257,17 @@ class KvBlockManager:
     # -------------------------------------------------------------------------------------------------- hashing
     def sequence_hashes(self, token_ids: Any, salt: str | bytes | None = None, extra_keys: Any = None) -> list[bytes]:
         """Hashes of the full blocks of ``token_ids`` with this manager's page size, algorithm and namespace."""
-        return compute_sequence_hashes(
-            token_ids,
-            self.model.page_size,
-            algorithm=self.config.hash_algorithm,
-            namespace=self.config.namespace,
-            salt=salt,
-            extra_keys=extra_keys,
+        # SequenceHash objects (each carries .parent); typed list[bytes] so callers' list[bytes] annotations hold.
+        return cast(
+            "list[bytes]",
+            compute_sequence_hashes(
+                token_ids,
+                self.model.page_size,
+                algorithm=self.config.hash_algorithm,
+                namespace=self.config.namespace,
+                salt=salt,
+                extra_keys=extra_keys,
+            ),
         )
 
     # ------------------------------------------------------------------------------------------------- matching
