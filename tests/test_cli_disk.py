@@ -26,6 +26,7 @@ import torch
 from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, ModelConfig
 
 CLI = Path(sys.executable).parent / "tiered-kv"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(num_layers=2, inner_dim=8, page_size=4, dtype="float16")
 CAPACITY = 32
 NUM_BLOCKS = 12
@@ -50,6 +51,8 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TIERED_KV_DEBUG", None)
     env["COLUMNS"] = "200"
+    # The console script must run THIS checkout's tiered_kv, not whichever one the environment installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -162,7 +165,7 @@ def test_read_commands(tier: Tier) -> None:
 
     s = stat_j.json()
     assert (s["capacity_blocks"], s["blocks_used"], s["blocks_free"]) == (CAPACITY, NUM_BLOCKS, CAPACITY - NUM_BLOCKS)
-    assert s["format_version"] == 1 and s["hash_algorithm"] == "sha256" and s["namespace"] == "default"
+    assert s["format_version"] == 2 and s["hash_algorithm"] == "sha256" and s["namespace"] == "default"
     assert s["fingerprint"] == MODEL.fingerprint() and s["model"]["inner_dim"] == MODEL.inner_dim
     assert s["hit_histogram"] == {"0": NUM_BLOCKS} and s["oldest_block"] is not None
     assert s["bytes_on_disk"] > 0

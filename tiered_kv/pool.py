@@ -802,11 +802,11 @@ class BlockPool:
             return len(moves)
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _restore(self, entries: Iterable[tuple[bytes, int, bytes | None]]) -> None:
-        """Rebuild the index from stored ``(hash, slot, tokens)`` rows, oldest first (disk tier at open)."""
+    def _restore(self, entries: Iterable[tuple[bytes, int, bytes | None, bytes | None]]) -> None:
+        """Rebuild the index from stored ``(hash, slot, tokens, parent)`` rows, oldest first (disk tier at open)."""
         with self._lock:
             used = set()
-            for h, slot, toks in entries:
+            for h, slot, toks, *_ in entries:
                 if not 0 <= slot < self._n or slot in used or h in self._by_hash:
                     continue
                 used.add(slot)
@@ -826,7 +826,7 @@ class BlockPool:
             if type(h) is not bytes:
                 if isinstance(h, (bytearray, memoryview)):
                     h = out[i] = bytes(h)
-                else:
+                elif not isinstance(h, bytes):  # a SequenceHash passes as it is (it carries .parent)
                     raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
             if len(h) != n:
                 raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {len(h)}")

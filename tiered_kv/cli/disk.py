@@ -27,7 +27,7 @@ from ..config import DiskConfig, ModelConfig
 from ..errors import DiskTierError
 from ..storage.disk import DiskStore, Entry, read_tier_meta
 from ..storage.disk.registry import REGISTRY_DIR, Registry
-from ..storage.disk.store import FORMAT_VERSION
+from ..storage.disk.store import READABLE_FORMAT_VERSIONS
 from . import main
 from ._common import (
     EXIT_FAILED,
@@ -68,9 +68,10 @@ def _tier_meta(path: str) -> dict[str, Any]:
     except DiskTierError as exc:
         raise CliError(f"{path} is not a readable disk tier: {exc}") from exc
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise CliError(
-            f"{path} has disk format version {version!r}; tiered-kv {__version__} reads version {FORMAT_VERSION} only"
+            f"{path} has disk format version {version!r}; tiered-kv {__version__} reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
         )
     return meta
 

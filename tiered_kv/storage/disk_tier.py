@@ -123,13 +123,13 @@ class DiskStorage(BlockStorage):
         """Record hits (last access time, hit count) on stored blocks."""
         self.store.touch(list(hashes))
 
-    def stored_slots(self) -> list[tuple[bytes, int, bytes | None]]:
-        """``(hash, slot, token ids)`` of every stored block, least recently used first."""
+    def stored_slots(self) -> list[tuple[bytes, int, bytes | None, bytes | None]]:
+        """``(hash, slot, token ids, parent)`` of every stored block, least recently used first."""
         return self.store.slot_order()
 
     def stored_hashes(self) -> set[bytes]:
         """Every hash with a live row."""
-        return {h for h, _, _ in self.store.slot_order()}
+        return {h for h, *_ in self.store.slot_order()}
 
     def compact(self, exclude: Sequence[int]) -> dict[bytes, tuple[int, int]]:
         """Move stored blocks to the lowest slots (see ``DiskStore.compact``); returns their moves."""

@@ -2,8 +2,10 @@
 
 Two named databases in one LMDB environment under ``PATH/registry/``:
 
-* ``blocks``: sequence hash -> msgpack array ``[slot, checksum, size, created, last_access, hits]``
-  (checksum: xxh3-64 of the block bytes; times: Unix seconds as floats).
+* ``blocks``: sequence hash -> msgpack array ``[slot, checksum, size, created, last_access, hits, tokens, parent]``
+  (checksum: xxh3-64 of the block bytes; times: Unix seconds as floats; tokens: the block's token ids as
+  little-endian uint32 bytes, or nil; parent: the previous block's sequence hash, or nil for a chain head).
+  Format version 1 rows stop after ``hits`` or ``tokens``; readers treat the missing fields as nil.
 * ``meta``: ``b"meta"`` -> msgpack map (format version, model fingerprint, hash algorithm, namespace,
   capacity, slot stride, file layout; see :mod:`tiered_kv.storage.disk.store`).
 
@@ -26,13 +28,25 @@ import msgpack
 
 from ...errors import DiskFullError, DiskTierError
 
-__all__ = ["REGISTRY_DIR", "Registry", "Row", "gc_paused"]
+__all__ = ["REGISTRY_DIR", "ROW_FIELDS", "Registry", "Row", "gc_paused", "pad_row"]
 
 #: Subdirectory of the tier holding the LMDB environment.
 REGISTRY_DIR = "registry"
 
-#: ``[slot, checksum, size, created, last_access, hits]`` (a list so touches can update it in place).
+#: ``[slot, checksum, size, created, last_access, hits, tokens, parent]`` (a list so touches can update it in
+#: place; positions are named in :data:`ROW_FIELDS`).
 Row = list
+
+#: The fields of a row, in order (format version 2).
+ROW_FIELDS = ("slot", "checksum", "size", "created", "last_access", "hits", "tokens", "parent")
+_ROW_LEN = len(ROW_FIELDS)
+
+
+def pad_row(row: Row) -> Row:
+    """Extend a format-version-1 row (6 or 7 fields) in place to the full row, missing fields None; returns it."""
+    if len(row) < _ROW_LEN:
+        row.extend([None] * (_ROW_LEN - len(row)))
+    return row
 
 _META_KEY = b"meta"
 
