@@ -80,11 +80,26 @@ class Registry:
         directory: the tier directory (the environment lives in ``directory/registry``).
         readonly: open with ``MDB_RDONLY``; uses the normal lock file, so it can read alongside a live writer.
         map_size: maximum size of the map in bytes (sparse; only written pages use disk).
-        sync: commits fsync the environment (``durability="sync"``). When False, commits only reach the page
-            cache and :meth:`sync` makes them durable.
+        sync: commits fsync the environment's data pages before they return. When False (LMDB ``MDB_NOSYNC``),
+            commits only reach the page cache and :meth:`sync` makes them durable; LMDB documents that a system
+            crash (power loss, kernel panic) may then corrupt the environment unless the file system keeps
+            write order.
+        metasync: commits also fsync the meta page, so a committed transaction is durable when the commit
+            returns. Without it (``MDB_NOMETASYNC``) LMDB keeps the environment's integrity through a system
+            crash (atomicity, consistency and isolation) and may only undo the last committed transaction
+            (py-lmdb, ``Environment(metasync=...)``); the next commit or :meth:`sync` makes it durable.
+            Defaults to ``sync``.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, readonly: bool, map_size: int, sync: bool) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        readonly: bool,
+        map_size: int,
+        sync: bool,
+        metasync: bool | None = None,
+    ) -> None:
         self.path = os.path.join(os.fspath(directory), REGISTRY_DIR)
         self.readonly = readonly
         with _translated(f"opening {self.path}"):
@@ -105,7 +120,7 @@ class Registry:
                     map_size=map_size,
                     max_dbs=2,
                     sync=sync,
-                    metasync=sync,
+                    metasync=sync if metasync is None else metasync,
                     writemap=False,  # a stray write through a pointer must never reach the file
                 )
                 # Readers of crashed processes keep old pages pinned; clear them before we grow the file.
