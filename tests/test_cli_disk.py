@@ -26,6 +26,7 @@ import torch
 from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, ModelConfig
 
 CLI = Path(sys.executable).parent / "tiered-kv"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(num_layers=2, inner_dim=8, page_size=4, dtype="float16")
 CAPACITY = 32
 NUM_BLOCKS = 12
@@ -50,6 +51,8 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TIERED_KV_DEBUG", None)
     env["COLUMNS"] = "200"
+    # The console script must run THIS checkout's tiered_kv, not whichever one the environment installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -162,7 +165,7 @@ def test_read_commands(tier: Tier) -> None:
 
     s = stat_j.json()
     assert (s["capacity_blocks"], s["blocks_used"], s["blocks_free"]) == (CAPACITY, NUM_BLOCKS, CAPACITY - NUM_BLOCKS)
-    assert s["format_version"] == 1 and s["hash_algorithm"] == "sha256" and s["namespace"] == "default"
+    assert s["format_version"] == 2 and s["hash_algorithm"] == "sha256" and s["namespace"] == "default"
     assert s["fingerprint"] == MODEL.fingerprint() and s["model"]["inner_dim"] == MODEL.inner_dim
     assert s["hit_histogram"] == {"0": NUM_BLOCKS} and s["oldest_block"] is not None
     assert s["bytes_on_disk"] > 0
@@ -198,7 +201,10 @@ def test_read_commands(tier: Tier) -> None:
 
 
 def test_verify_flipped_bytes_then_repair(tier: Tier) -> None:
-    bad_idx = [1, 6, 10]
+    # The tier is one chain of NUM_BLOCKS blocks: the blocks after a corrupt one are orphans (no match reaches them).
+    bad_idx = [6, 10]
+    orphan_idx = [7, 8, 9, 11]
+    kept = range(6)
     for i in bad_idx:
         # Find the block by its bytes (show --json's file/offset are checked in test_read_commands); saves a run.
         raw = tier.data[i].contiguous().view(torch.uint8).numpy().tobytes()
@@ -210,6 +216,7 @@ def test_verify_flipped_bytes_then_repair(tier: Tier) -> None:
             f.seek(offset + 17)
             f.write(bytes([byte[0] ^ 0x5A]))
     bad = {tier.hashes[i].hex() for i in bad_idx}
+    orphans = [tier.hashes[i].hex() for i in orphan_idx]
 
     before = fingerprint_files(tier.path)
     plain, show_bad = cli_many(
@@ -218,29 +225,33 @@ def test_verify_flipped_bytes_then_repair(tier: Tier) -> None:
     )
     assert plain.rc == 1, (plain.out, plain.err)
     named = {line.split()[1] for line in plain.out.splitlines() if line.startswith("corrupt ")}
-    assert named == bad and f"3 corrupt of {NUM_BLOCKS} blocks" in plain.out
+    assert named == bad
+    assert [line.split()[1] for line in plain.out.splitlines() if line.startswith("orphan ")] == orphans
+    assert f"2 corrupt and 4 orphans (blocks whose parent is not on disk) of {NUM_BLOCKS} blocks" in plain.out
     assert show_bad.rc == 1 and show_bad.json()["verdict"] == "corrupt" and show_bad.json()["layers"] == []
     assert fingerprint_files(tier.path) == before, "verify without --repair changed the tier"
 
     repair = cli("disk", "verify", str(tier.path), "--repair")
     assert repair.rc == 1, (repair.out, repair.err)  # corrupt blocks were found (and dropped)
     assert {line.split()[1] for line in repair.out.splitlines() if line.startswith("corrupt ")} == bad
+    assert [line.split()[1] for line in repair.out.splitlines() if line.startswith("orphan ")] == orphans
+    assert "dropped them, the tier is clean now" in repair.out
 
     again, gone = cli_many(
         ["disk", "verify", str(tier.path), "--json"],
         ["disk", "show", str(tier.path), tier.hashes[6].hex()],
     )
     assert again.rc == 0, (again.out, again.err)
-    assert again.json()["corrupt"] == [] and again.json()["checked"] == NUM_BLOCKS - len(bad_idx)
+    assert again.json()["corrupt"] == again.json()["orphans"] == [] and again.json()["checked"] == len(kept)
     assert_one_line_error(gone, 2, "not in the disk tier")
 
-    # every good block is still there with its original bytes
+    # every block before the first corrupt one is still there with its original bytes, and nothing else
     with manager(tier.path) as bm:
         pool = bm.disk()
         assert pool is not None
         for i, h in enumerate(tier.hashes):
             found = pool.match_sequence_hashes([h])
-            if i in bad_idx:
+            if i not in kept:
                 assert found == []
                 continue
             assert len(found) == 1
@@ -358,3 +369,75 @@ def test_bad_input(tmp_path: Path, tier: Tier) -> None:
     for (name, (_, needle)), r in zip(cases.items(), results):
         assert_one_line_error(r, 2, needle)
         assert r.out == "", (name, r.out)
+
+
+def _chain_tier(path: Path, n: int, drop: int) -> list[bytes]:
+    """A closed tier holding one chain of ``n`` blocks, of which block ``drop`` was then deleted (an orphaned tail)."""
+    from tiered_kv import compute_sequence_hashes
+    from tiered_kv.storage.disk import DiskStore
+
+    hashes = compute_sequence_hashes(list(range(n * MODEL.page_size)), MODEL.page_size)
+    config = DiskConfig(path=path, num_blocks=CAPACITY, backend="posix")
+    with DiskStore(config, MODEL, hash_algorithm="sha256", namespace="default") as store:
+        store.write_blocks(hashes, list(range(n)), torch.stack([block_data(i) for i in range(n)]))
+        store.delete([hashes[drop]])
+    return [bytes(h) for h in hashes]
+
+
+def test_orphans_stat_verify_repair(tmp_path: Path) -> None:
+    path = tmp_path / "tier"
+    hashes = _chain_tier(path, 30, drop=3)  # blocks 4..29 are orphans: more than the text output lists
+    orphans = [h.hex() for h in hashes[4:]]
+    before = fingerprint_files(path)
+    stat_j, stat_t, ver_j, ver_t = cli_many(
+        ["disk", "stat", str(path), "--json"],
+        ["disk", "stat", str(path)],
+        ["disk", "verify", str(path), "--json"],
+        ["disk", "verify", str(path)],
+    )
+    assert stat_j.rc == stat_t.rc == 0, (stat_j.err, stat_t.err)
+    s = stat_j.json()
+    assert (s["blocks_used"], s["chains"], s["reachable_blocks"], s["orphan_blocks"]) == (29, 1, 3, 26)
+    assert "3 of 29 blocks; 26 orphans" in stat_t.out and "chains" in stat_t.out
+    assert ver_j.rc == ver_t.rc == 1, (ver_j.out, ver_j.err)
+    v = ver_j.json()
+    assert (v["checked"], v["corrupt"], v["orphans"], v["clean"], v["dropped"]) == (29, [], orphans, False, 0)
+    listed = [line.split()[1] for line in ver_t.out.splitlines() if line.startswith("orphan ")]
+    assert listed == orphans[:20] and "... and 6 more orphans (--json lists them all)" in ver_t.out
+    assert "26 orphans (blocks whose parent is not on disk) of 29 blocks checked; run with --repair" in ver_t.out
+    assert fingerprint_files(path) == before, "a read command changed the tier"
+
+    repair = cli("disk", "verify", str(path), "--repair", "--json")
+    assert repair.rc == 1 and repair.json()["dropped"] == 26 and repair.json()["orphans"] == orphans
+    again, stat_after = cli_many(["disk", "verify", str(path)], ["disk", "stat", str(path), "--json"])
+    assert again.rc == 0 and "3 blocks checked: all good" in again.out, (again.out, again.err)
+    s = stat_after.json()
+    assert (s["blocks_used"], s["chains"], s["reachable_blocks"], s["orphan_blocks"]) == (3, 1, 3, 0)
+
+
+def test_reads_a_format_version_1_tier_and_repair_migrates_it(tmp_path: Path) -> None:
+    path = tmp_path / "tier"
+    hashes = _chain_tier(path, 5, drop=4)
+    # Rewrite the registry as format version 1 wrote it: rows of 6 fields (no tokens, no parent), meta version 1.
+    env = lmdb.open(str(path / "registry"), max_dbs=2)
+    blocks, meta_db = env.open_db(b"blocks"), env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        for key, raw in list(txn.cursor(db=blocks)):
+            txn.put(key, msgpack.packb(msgpack.unpackb(raw)[:6]), db=blocks)
+        meta = msgpack.unpackb(txn.get(b"meta", db=meta_db))
+        txn.put(b"meta", msgpack.packb({**meta, "format_version": 1}), db=meta_db)
+    env.close()
+    before = fingerprint_files(path)
+    stat_j, ls_j, ver = cli_many(
+        ["disk", "stat", str(path), "--json"], ["disk", "ls", str(path), "--json"], ["disk", "verify", str(path)]
+    )
+    assert stat_j.rc == ls_j.rc == ver.rc == 0, (stat_j.err, ls_j.err, ver.out, ver.err)
+    s = stat_j.json()
+    # Version 1 rows have no parents: every block is a chain head of its own.
+    assert (s["format_version"], s["blocks_used"], s["chains"], s["reachable_blocks"]) == (1, 4, 4, 4)
+    assert sorted(b["hash"] for b in ls_j.json()["blocks"]) == sorted(h.hex() for h in hashes[:4])
+    assert fingerprint_files(path) == before, "a read command changed a version 1 tier"
+    repaired = cli("disk", "verify", str(path), "--repair")
+    assert repaired.rc == 0, (repaired.out, repaired.err)
+    after = cli("disk", "stat", str(path), "--json").json()
+    assert (after["format_version"], after["blocks_used"], after["chains"]) == (2, 4, 4)

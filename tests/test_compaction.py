@@ -36,7 +36,8 @@ def test_pool_compaction_moves_blocks_down_and_shrinks_files(tmp_path: Path) -> 
     with KvBlockManager(disk_only(tmp_path)) as bm:
         disk = bm.disk()
         assert disk is not None
-        hs = bm.sequence_hashes(list(range(4 * 48)))
+        # Independent blocks (plain bytes: chain heads): dropping some leaves the others reachable.
+        hs = [bytes(h) for h in bm.sequence_hashes(list(range(4 * 48)))]
         fill_disk(bm, hs)
         disk.invalidate(hs[:40])  # free the low slots: 8 live blocks sit in high slots
         held = disk.match_sequence_hashes(hs[40:41])  # a held block must not move
@@ -66,7 +67,7 @@ def test_pool_compaction_moves_blocks_down_and_shrinks_files(tmp_path: Path) -> 
 
 def test_cli_compact(tmp_path: Path) -> None:
     with KvBlockManager(disk_only(tmp_path)) as bm:
-        hs = bm.sequence_hashes(list(range(4 * 32)))
+        hs = [bytes(h) for h in bm.sequence_hashes(list(range(4 * 32)))]  # chain heads: see above
         fill_disk(bm, hs)
         bm.disk().invalidate(hs[:24])  # type: ignore[union-attr]
     exe = Path(sys.executable).parent / "tiered-kv"
@@ -76,7 +77,7 @@ def test_cli_compact(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), "disk", "verify", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     with KvBlockManager(disk_only(tmp_path)) as bm:
-        got = bm.match_sequence_hashes(hs[24:])
+        got = [b for h in hs[24:] for b in bm.match_sequence_hashes([h])]
         assert all(torch.equal(block_data(b), content_for(b.sequence_hash)) for b in got)
         bm.top.release_blocks(got)
         # This process holds the writer lock: compact refuses with one line and exit 3.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiered_kv.hashing import (
+    SequenceHash,
     compute_cache_keys,
     compute_prefix_match,
     compute_sequence_hashes,
@@ -138,7 +141,7 @@ def test_hash_lengths(algorithm: str, size: int) -> None:
     assert hash_length(algorithm) == size
     hashes = compute_sequence_hashes(list(range(64)), 16, algorithm=algorithm)
     assert len(hashes) == 4
-    assert all(type(h) is bytes and len(h) == size for h in hashes)
+    assert all(type(h) is SequenceHash and len(h) == size for h in hashes)
     assert len(set(hashes)) == 4
 
 
@@ -664,7 +667,9 @@ def test_validate_hashes_accepts_and_converts(algorithm: str) -> None:
     assert validate_hashes(tuple(hashes), algorithm) == hashes
     mixed = [hashes[0], bytearray(hashes[1]), memoryview(hashes[2]), hashes[3]]
     out = validate_hashes(mixed, algorithm)
-    assert out == hashes and all(type(h) is bytes for h in out)
+    assert out == hashes and all(isinstance(h, bytes) for h in out)
+    assert type(out[1]) is bytes and type(out[2]) is bytes  # bytes-likes are converted
+    assert out[3] is hashes[3] and out[3].parent == hashes[2]  # SequenceHash objects pass as they are, with parents
     assert validate_hashes([], algorithm) == []
 
 
@@ -692,3 +697,94 @@ def test_validate_hashes_length_follows_algorithm() -> None:
         validate_hashes([b"x" * 32], "xxh3_128")
     with pytest.raises(ValueError, match=r"^algorithm: unknown hash algorithm"):
         validate_hashes([], "crc32")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SequenceHash: parents
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_hash_knows_its_parent(algorithm: str) -> None:
+    hashes = compute_sequence_hashes(list(range(80)), 16, algorithm=algorithm)
+    assert [type(h) for h in hashes] == [SequenceHash] * 5
+    assert hashes[0].parent is None
+    assert [h.parent for h in hashes[1:]] == hashes[:-1]
+    assert all(type(h.parent) is bytes for h in hashes[1:])
+    # The parent is what the chain was computed from: continuing from it gives the same hash.
+    for i in range(1, 5):
+        assert compute_sequence_hashes(
+            list(range(16 * i, 16 * (i + 1))), 16, algorithm=algorithm, parent=hashes[i].parent
+        ) == [hashes[i]]
+
+
+def test_equality_hashing_and_ordering_are_those_of_the_plain_bytes() -> None:
+    hashes = compute_sequence_hashes(list(range(64)), 16)
+    plain = [bytes(h) for h in hashes]
+    assert all(type(p) is bytes for p in plain)
+    assert hashes == plain and [hash(h) for h in hashes] == [hash(p) for p in plain]
+    assert sorted(hashes) == sorted(plain) and hashes[1][:4] == plain[1][:4] and hashes[1].hex() == plain[1].hex()
+    # Mixed in dicts and sets: one key per value, whichever object was stored.
+    d = {p: i for i, p in enumerate(plain)}
+    assert [d[h] for h in hashes] == [0, 1, 2, 3]
+    assert len(set(hashes) | set(plain)) == 4
+    assert hashes[2] in set(plain) and plain[2] in set(hashes)
+
+
+def test_parent_is_read_only_and_the_bytes_immutable() -> None:
+    h = compute_sequence_hashes(list(range(32)), 16)[1]
+    with pytest.raises(AttributeError):
+        h.parent = None  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del h.parent  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        h[0] = 1  # type: ignore[index]
+    assert h.parent is not None
+
+
+def test_continuation_parent_and_cache_keys_parents() -> None:
+    full = compute_sequence_hashes(list(range(64)), 16)
+    tail = compute_sequence_hashes(list(range(16, 64)), 16, parent=full[0])
+    assert tail[0].parent is full[0]  # the caller's own object, chain and all
+    assert tail[0].parent.parent is None  # type: ignore[union-attr]
+    assert [h.parent for h in tail[1:]] == tail[:-1]
+    # A bytes-like parent is copied into plain bytes.
+    tail = compute_sequence_hashes(list(range(16, 32)), 16, parent=bytearray(full[0]))
+    assert type(tail[0].parent) is bytes and tail[0].parent == full[0]
+    keys = compute_cache_keys(["a", "b"], [list(range(48)), list(range(16))], 16)
+    assert keys["a"][0].parent is None and keys["b"][0].parent is None
+    assert [h.parent for h in keys["a"][1:]] == keys["a"][:-1]
+
+
+def test_plain_and_with_parent_construction() -> None:
+    full = compute_sequence_hashes(list(range(32)), 16)
+    root = SequenceHash(bytes(full[1]))
+    assert root == full[1] and root.parent is None
+    h = SequenceHash.with_parent(memoryview(bytes(full[1])), bytearray(full[0]))
+    assert h == full[1] and type(h.parent) is bytes and h.parent == full[0]
+    assert SequenceHash.with_parent(full[1], full[0]).parent is full[0]
+    assert SequenceHash.with_parent(full[1], None).parent is None
+    with pytest.raises(ValueError, match=r"^parent: expected None or bytes, got str$"):
+        SequenceHash.with_parent(full[1], "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^value: expected bytes, got int$"):
+        SequenceHash.with_parent(7, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickling_and_copying_keep_parents(protocol: int) -> None:
+    hashes = compute_sequence_hashes(list(range(16 * 3000)), 16, algorithm="xxh3_128")
+    back = pickle.loads(pickle.dumps(hashes, protocol=protocol))
+    assert back == hashes and all(type(h) is SequenceHash for h in back)
+    assert [h.parent for h in back] == [h.parent for h in hashes]
+    # One hash of a long chain pickles alone (its parent as plain bytes: no recursion through the chain).
+    last = pickle.loads(pickle.dumps(hashes[-1], protocol=protocol))
+    assert last == hashes[-1] and last.parent == hashes[-2]
+    root = pickle.loads(pickle.dumps(SequenceHash(b"r" * 16), protocol=protocol))
+    assert root == b"r" * 16 and root.parent is None
+    assert copy.copy(hashes[5]) is hashes[5] and copy.deepcopy(hashes)[5].parent == hashes[4]
+
+
+def test_parent_is_not_part_of_the_hash() -> None:
+    # The parent is not part of the hash: a chain's hashes are the plain digests, whoever computes them.
+    a = compute_sequence_hashes(list(range(64)), 16, algorithm="xxh3_128")
+    b = compute_sequence_hashes(list(range(64)), 16, algorithm="xxh3_128")
+    assert a == b and a[1] is not b[1] and a[2].parent == b[1]

@@ -67,9 +67,9 @@ def test_queued_demotions_stay_matchable(tmp_path: Path) -> None:
         gate = threading.Event()
         real_commit = disk_pool.storage.commit
 
-        def slow_commit(*args):  # type: ignore[no-untyped-def]
+        def slow_commit(*args, **kwargs):  # type: ignore[no-untyped-def]
             gate.wait(5)
-            real_commit(*args)
+            real_commit(*args, **kwargs)
 
         disk_pool.storage.commit = slow_commit  # type: ignore[method-assign]
         bm.scheduler.low_watermark = 0.0

@@ -30,7 +30,8 @@ Encoding decisions (part of the on-disk format; changing any of them is a breaki
 
 Speed: token ids are converted once, in C (``array.array`` for lists, ``astype`` for numpy/torch), framed
 into per-block ``bytes`` by numpy, and the chain is one list comprehension of ``digest(parent + block)``.
-No per-token Python object is created.
+No per-token Python object is created. Each digest is then wrapped in a :class:`SequenceHash` that points at
+its parent; that object (and its attribute dict) is the one per-block cost beyond the digest itself.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from array import array
 from collections.abc import Hashable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
+from itertools import chain
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import numpy as np
@@ -61,8 +63,94 @@ __all__ = [
     "validate_hashes",
 ]
 
-SequenceHash: TypeAlias = bytes
-"""A block hash: immutable, hashable ``bytes`` (32 bytes for sha256, 16 for xxh3_128)."""
+
+class SequenceHash(bytes):
+    """A block hash: an immutable ``bytes`` subclass (32 bytes for sha256, 16 for xxh3_128) that knows its parent.
+
+    It equals, hashes, orders and slices exactly like the plain bytes (``h == bytes(h)``,
+    ``hash(h) == hash(bytes(h))``), so it works as a dict key next to plain bytes. :attr:`parent` is the hash of the
+    previous block of the same sequence, or None for the first block and for a hash made from plain bytes
+    (``SequenceHash(b)``). Use :meth:`with_parent` to make one with a parent.
+
+    Every hash returned by :func:`compute_sequence_hashes` and :func:`compute_cache_keys` has its parent set:
+    ``hashes[i].parent == hashes[i - 1]`` (as plain ``bytes``), and ``hashes[0].parent`` is None, or the
+    ``parent`` argument a chain was continued from. Pickling and copying keep the parent.
+    """
+
+    # Cost: a per-hash attribute dict would double the cost of hashing (an object and a dict per block, on top
+    # of a ~90 ns xxh3 block). Instead all the hashes of one chain share ONE instance __dict__ holding one _Lineage,
+    # which maps each hash to its parent, built on the first look-up. (bytes subclasses cannot have __slots__
+    # fields, so the __dict__ is the only per-object storage.) Parents are the chain's plain digests, so nothing
+    # points back at the SequenceHash objects: no reference cycles, freed by reference counting.
+    _lineage: _Lineage | None = None
+
+    @property
+    def parent(self) -> bytes | None:
+        """The previous block's hash, or None for a chain head."""
+        lineage = self._lineage
+        return None if lineage is None else lineage.parent_of(self)
+
+    @classmethod
+    def with_parent(
+        cls, value: bytes | bytearray | memoryview, parent: bytes | bytearray | memoryview | None
+    ) -> SequenceHash:
+        """A hash with the given bytes and parent.
+
+        Args:
+            value: the hash's bytes.
+            parent: the previous block's hash, or None for the first block of a sequence. A ``bytes``
+                instance (plain or a :class:`SequenceHash`) is kept as is; other bytes-like values are copied.
+
+        Raises:
+            ValueError: ``value`` or ``parent`` is not bytes-like.
+        """
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ValueError(f"value: expected bytes, got {type(value).__name__}")
+        h = cls(value)
+        if parent is not None:
+            if isinstance(parent, (bytearray, memoryview)):
+                parent = bytes(parent)
+            elif not isinstance(parent, bytes):
+                raise ValueError(f"parent: expected None or bytes, got {type(parent).__name__}")
+            h._lineage = _Lineage([bytes(h)], parent)
+        return h
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The parent goes as plain bytes: pickling one hash of a long chain stores one parent, never the chain.
+        parent = self.parent
+        return (_sequence_hash, (bytes(self), None if parent is None else bytes(parent)))
+
+    def __copy__(self) -> SequenceHash:
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SequenceHash:
+        return self
+
+
+class _Lineage:
+    """The parents of one chain of hashes, shared by all of them (see :class:`SequenceHash`)."""
+
+    __slots__ = ("_digests", "_first", "_parents")
+
+    def __init__(self, digests: list[bytes], first: bytes | None) -> None:
+        self._digests = digests
+        self._first = first
+        self._parents: dict[bytes, bytes | None] | None = None
+
+    def parent_of(self, h: bytes) -> bytes | None:
+        parents = self._parents
+        if parents is None:
+            # One C-level pass on the first look-up; most chains never have a parent read. Two threads racing
+            # here build equal maps, and the assignment is atomic.
+            d = self._digests
+            parents = self._parents = dict(zip(d, chain((self._first,), d)))
+        return parents[h]
+
+
+def _sequence_hash(value: bytes, parent: bytes | None) -> SequenceHash:
+    """Unpickle a :class:`SequenceHash` (module level, so that pickles name a stable function)."""
+    return SequenceHash.with_parent(value, parent)
+
 
 TokenIds: TypeAlias = "Sequence[int] | npt.NDArray[np.integer[Any]] | torch.Tensor"
 ExtraKey: TypeAlias = "str | bytes | int | np.integer[Any] | tuple[str | bytes | int | np.integer[Any], ...] | None"
@@ -139,7 +227,9 @@ def compute_sequence_hashes(
     hash_length(algorithm)
     _check_block_size(block_size)
     start = _start_hash(algorithm, namespace, salt, parent)
-    return _hash_tokens(token_ids, block_size, algorithm, start, extra_keys, "token_ids", "extra_keys")
+    digests = _hash_tokens(token_ids, block_size, algorithm, start, extra_keys, "token_ids", "extra_keys")
+    # The first block's parent is the caller's hash object itself when it is bytes (a SequenceHash keeps its chain).
+    return _linked(digests, None if parent is None else parent if isinstance(parent, bytes) else start)
 
 
 def compute_cache_keys(
@@ -193,9 +283,10 @@ def compute_cache_keys(
         if seen:
             raise ValueError(f"request_ids[{i}]: duplicate request id {request_id!r}")
         extra = None if extra_keys_list is None else extra_keys_list[i]
-        out[request_id] = _hash_tokens(
+        digests = _hash_tokens(
             token_ids_list[i], block_size, algorithm, root, extra, f"token_ids_list[{i}]", f"extra_keys_list[{i}]"
         )
+        out[request_id] = _linked(digests, None)
     return out
 
 
@@ -254,7 +345,8 @@ def validate_hashes(hashes: Sequence[Any], algorithm: str, argument: str = "hash
         argument: the name used in error messages.
 
     Returns:
-        A new list of ``bytes``.
+        A new list of ``bytes``: ``bytes`` elements (a :class:`SequenceHash` included, keeping its parent) as given,
+        ``bytearray``/``memoryview`` ones converted to plain ``bytes``.
 
     Raises:
         ValueError: ``hashes`` is not a list/tuple, or an element is not bytes-like or has the wrong length;
@@ -264,7 +356,7 @@ def validate_hashes(hashes: Sequence[Any], algorithm: str, argument: str = "hash
     if not isinstance(hashes, (list, tuple)):
         raise ValueError(f"{argument}: expected a list or tuple of {size}-byte hashes, got {type(hashes).__name__}")
     # Fast path: the common case is already a list of bytes of the right length; both checks run in C.
-    if set(map(type, hashes)) <= {bytes} and set(map(len, hashes)) <= {size}:
+    if set(map(type, hashes)) <= _HASH_TYPES and set(map(len, hashes)) <= {size}:
         return list(hashes)
     out: list[bytes] = []
     for i, h in enumerate(hashes):
@@ -282,6 +374,8 @@ def validate_hashes(hashes: Sequence[Any], algorithm: str, argument: str = "hash
 
 # ----------------------------------------------------------------------------------------------------------------
 # internals
+
+_HASH_TYPES = frozenset({bytes, SequenceHash})
 
 
 def _check_block_size(block_size: object) -> None:
@@ -359,6 +453,17 @@ def _hash_tokens(
         prefixes = _encode_extra_keys(extra_keys, n_blocks, extra_arg)
         frames = _frames(tokens, n_blocks, block_size, b"")
     return _chain(algorithm, start, frames, prefixes)
+
+
+def _linked(digests: list[bytes], first_parent: bytes | None) -> list[SequenceHash]:
+    """Wrap a chain's digests as SequenceHash objects sharing one _Lineage (their parents)."""
+    if not digests:
+        return []
+    shared = {"_lineage": _Lineage(digests, first_parent)}
+    out = list(map(SequenceHash, digests))
+    for h in out:
+        h.__dict__ = shared  # no per-hash dict: see SequenceHash
+    return out
 
 
 def _chain(algorithm: str, start: bytes, frames: list[bytes], prefixes: list[bytes] | None) -> list[bytes]:

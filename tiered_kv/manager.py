@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import torch
@@ -115,6 +115,13 @@ class KvBlockManager:
                 self._sources.append(queued)
             self._sources.append(pool)
         self._remote: RemoteTier | None = None
+        # The disk tier takes a block only when its parent is on disk too (or written in the same batch, or queued
+        # ahead of it toward the disk): what is on disk stays prefix-closed, across restarts and crashes. Memory
+        # tiers may hold a block before its parent arrives (the reaper drops them once the parent is lost).
+        disk_pool = self._pools.get("disk")
+        if disk_pool is not None:
+            queued = self.scheduler.inflight.get("disk")
+            disk_pool.set_parent_lookup(queued.__contains__ if queued is not None else lambda h: False)
         if config.remote is not None:
             try:
                 self._open_remote(config)
@@ -139,6 +146,12 @@ class KvBlockManager:
         disk = self.config.disk
         assert disk is not None
         storage = open_disk_storage(self.config, backend)
+        # A crash between a parent's loss and its children's (or an older version) can leave blocks that no match
+        # reaches: drop them before the pool is rebuilt, so the tier starts prefix-closed.
+        orphans = storage.store.orphans()
+        if orphans:
+            log.warning("disk tier %s: dropping %d blocks whose chain is broken on disk", disk.path, len(orphans))
+            storage.store.delete(orphans)
         pool = self._add_pool("disk", storage, disk.num_blocks)
         pool._restore(storage.stored_slots())
 
@@ -266,13 +279,17 @@ class KvBlockManager:
     # -------------------------------------------------------------------------------------------------- hashing
     def sequence_hashes(self, token_ids: Any, salt: str | bytes | None = None, extra_keys: Any = None) -> list[bytes]:
         """Hashes of the full blocks of ``token_ids`` with this manager's page size, algorithm and namespace."""
-        return compute_sequence_hashes(
-            token_ids,
-            self.model.page_size,
-            algorithm=self.config.hash_algorithm,
-            namespace=self.config.namespace,
-            salt=salt,
-            extra_keys=extra_keys,
+        # SequenceHash objects (each carries .parent); typed list[bytes] so callers' list[bytes] annotations hold.
+        return cast(
+            "list[bytes]",
+            compute_sequence_hashes(
+                token_ids,
+                self.model.page_size,
+                algorithm=self.config.hash_algorithm,
+                namespace=self.config.namespace,
+                salt=salt,
+                extra_keys=extra_keys,
+            ),
         )
 
     # ------------------------------------------------------------------------------------------------- matching
@@ -289,6 +306,7 @@ class KvBlockManager:
             ValueError: a hash has the wrong type or length.
         """
         self._check_open()
+        self.scheduler.reap()  # descendants of blocks that left every tier go before they can be looked up
         top = self._order[0]
         hashes = top._validate_hashes(hashes, "hashes")
         expected = top.expected_tokens(tokens, len(hashes))

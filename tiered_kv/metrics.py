@@ -23,7 +23,7 @@ class EvictionEvent:
 class PoolMetrics:
     """Counters of one pool. Updated under the pool's lock; read without it (ints are atomic to read)."""
 
-    __slots__ = ("_events", "corrupt", "evictions", "hits", "misses", "tier")
+    __slots__ = ("_events", "corrupt", "evictions", "hits", "misses", "orphans_refused", "tier")
 
     def __init__(self, tier: str, keep_events: int = 1024) -> None:
         self.tier = tier
@@ -31,6 +31,7 @@ class PoolMetrics:
         self.misses = 0
         self.evictions = 0
         self.corrupt = 0
+        self.orphans_refused = 0  # registrations not cached because no tier held their parent
         # Plain tuples on the hot path; EvictionEvent objects are built only when someone asks for them.
         self._events: deque[tuple[bytes, int, str, float]] = deque(maxlen=keep_events)
 

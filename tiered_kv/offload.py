@@ -27,7 +27,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -204,6 +205,7 @@ class InflightSource(SnapshotSource):
         self._lock = threading.Lock()
         self._data: dict[bytes, tuple[torch.Tensor, bytes | None]] = {}
         self._parents: dict[bytes, bytes | None] = {}
+        self._children: dict[bytes, set[bytes]] = {}
         self._by_hash = self._data  # what the manager's run detection reads
 
     def put(
@@ -216,13 +218,20 @@ class InflightSource(SnapshotSource):
         with self._lock:
             for i, h in enumerate(hashes):
                 self._data[h] = (data[i], tokens[i])
-                if parents is not None:
-                    self._parents[h] = parents[i]
+                par = parents[i] if parents is not None else None
+                if par is not None:
+                    self._parents[h] = par
+                    self._children.setdefault(par, set()).add(h)
+
+    def parent(self, h: bytes) -> bytes | None:
+        """The parent a queued hash was registered with."""
+        with self._lock:
+            return self._parents.get(h)
 
     def children_of(self, h: bytes) -> list[bytes]:
         """Queued hashes whose parent is ``h``."""
         with self._lock:
-            return [c for c, p in self._parents.items() if p == h]
+            return list(self._children.get(h, ()))
 
     def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
         """The parents the queued blocks were registered with."""
@@ -233,7 +242,13 @@ class InflightSource(SnapshotSource):
         with self._lock:
             for h in hashes:
                 self._data.pop(h, None)
-                self._parents.pop(h, None)
+                par = self._parents.pop(h, None)
+                if par is not None:
+                    kids = self._children.get(par)
+                    if kids is not None:
+                        kids.discard(h)
+                        if not kids:
+                            del self._children[par]
 
     def __contains__(self, h: object) -> bool:
         return h in self._data
@@ -286,6 +301,14 @@ class PromotionClaims:
                 ev.set()
 
 
+def _merge_jobs(a: _Job, b: _Job) -> _Job | None:
+    """One job of two queued toward the same tier: one write and one registry commit instead of two."""
+    if a.lower is not b.lower:
+        return None
+    return _Job(a.lower, a.pair if a.pair == b.pair else f"{a.pair}+{b.pair}", a.hashes + b.hashes, a.data + b.data,
+                a.tokens + b.tokens, a.parents + b.parents, min(a.queued_at, b.queued_at))
+
+
 @dataclass
 class _Job:
     lower: BlockPool
@@ -303,7 +326,8 @@ class OffloadScheduler:
     Args:
         pools: the configured pools, top tier first.
         streams: CUDA copy streams (or disabled).
-        max_queued_blocks: bound of the disk demotion queue, in blocks.
+        max_queued_blocks: bound of the disk demotion queue, in blocks (default: 512 blocks or 256 MiB of
+            snapshots, whichever is more, so that a burst of small blocks is absorbed instead of cut).
         low_watermark: fraction of a memory tier kept free-or-clean by the cleaner.
         workers: writer threads for the disk queue.
     """
@@ -313,7 +337,7 @@ class OffloadScheduler:
         pools: list[BlockPool],
         streams: TransferStreams,
         *,
-        max_queued_blocks: int = 512,
+        max_queued_blocks: int | None = None,
         low_watermark: float = 0.25,
         clean_batch: int = 64,
         workers: int = 2,
@@ -342,17 +366,20 @@ class OffloadScheduler:
         self._lost: deque[bytes] = deque()  # hashes that left the hierarchy; their descendants are reaped
         for pool in pools:
             pool.set_removal_hook(self._lost.extend)
-        for upper, lower in itertools.pairwise(pools):
+        for lower in pools[1:]:
             if lower.storage.persistent:
                 self.inflight[lower.tier] = InflightSource(lower.tier)
+        for upper, lower in itertools.pairwise(pools):  # after every queue exists: handlers look further down
             upper.set_eviction_handler(self._make_handler(upper, lower))
         # Disk demotions waiting for a writer; drain() also waits for cleaning passes (busy sections).
         self.queue: WorkQueue[_Job] = WorkQueue(
-            max_queued_blocks,
+            max_queued_blocks if max_queued_blocks is not None else max(512, (256 << 20) // self._block_bytes),
             lambda job: len(job.hashes),
             self._write,
             workers if any(p.storage.persistent for p in pools[1:]) else 0,
             "tiered-kv-writer",
+            merge=_merge_jobs,
+            merge_units=256,
         )
         self.writeback_s = writeback_s
         self._wb_lock = threading.Lock()
@@ -422,8 +449,11 @@ class OffloadScheduler:
     def reap(self) -> int:
         """Drop every block whose ancestor left the hierarchy (it is unreachable: a match stops at the first miss).
 
-        Runs outside every pool lock (writer and writeback threads, ``flush()``); returns how many were dropped.
+        Runs outside every pool lock (writer and writeback threads, matches, ``flush()``); returns how many were
+        dropped.
         """
+        if not self._lost:
+            return 0
         dropped = 0
         while self._lost:
             todo: list[bytes] = []
@@ -521,9 +551,15 @@ class OffloadScheduler:
         lost: list[tuple[bytes, int]] = []
         try:
             if todo:
-                dst = lower.allocate_up_to(len(todo))
+                # A victim whose ancestors are still only in memory (a hot head) takes them down with it, first.
+                self._write_ancestors(lower, [job.parents[i] for i, _ in todo], {h for _, h in todo})
+                refused = lower.refused([h for _, h in todo], [job.parents[i] for i, _ in todo])
+                lost = [(h, -1) for k, (_, h) in enumerate(todo) if k in refused]  # their chain missed the disk
+                todo = [e for k, e in enumerate(todo) if k not in refused]
+                protect = self._ancestors_on(lower, [job.parents[i] for i, _ in todo])
+                dst = lower.allocate_up_to(len(todo), protect)
                 # Parents precede children in a job: what finds no room is chain tails.
-                lost = [(h, -1) for _, h in todo[len(dst) :]]
+                lost += [(h, -1) for _, h in todo[len(dst) :]]
                 todo = todo[: len(dst)]
                 if dst:
                     # The snapshots stay referenced by the job until registration: staged without a copy.
@@ -558,6 +594,58 @@ class OffloadScheduler:
             self.counters.pair(job.pair, written)
             self.demote_latency.observe(time.perf_counter() - job.queued_at)
 
+    def _ancestors_on(self, disk: BlockPool, parents: Iterable[bytes | None]) -> set[bytes]:
+        """The ancestors of blocks with these ``parents`` that ``disk`` holds, found by walking up the parents
+        recorded in any tier or queue (a chain's head may be on disk while its middle is still in memory)."""
+        out: set[bytes] = set()
+        seen: set[bytes] = set()
+        queues = list(self.inflight.values())
+        for par in parents:
+            x = par
+            while x is not None and x not in seen:
+                seen.add(x)
+                if x in disk:
+                    out.add(x)
+                holder = next((p for p in self.pools if x in p), None)
+                if holder is not None:
+                    x = holder.parent_of(x)
+                else:
+                    x = next((q.parent(x) for q in queues if x in q), None)
+        return out
+
+    def _write_ancestors(self, disk: BlockPool, parents: Sequence[bytes | None], batch: AbstractSet[bytes]) -> int:
+        """Copy to ``disk`` the ancestors of a batch that only memory tiers hold, root-most first, so that the
+        batch's chains reach the disk. Returns how many were written."""
+        memory = [p for p in self.pools if not p.storage.persistent]
+        inflight = self.inflight.get(disk.tier)
+        chain: list[tuple[BlockPool, bytes]] = []
+        seen: set[bytes] = set()
+        for par in parents:
+            x = par
+            while x is not None and x not in seen and x not in batch and x not in disk and (
+                inflight is None or x not in inflight
+            ):
+                seen.add(x)
+                holder = next((p for p in memory if x in p), None)
+                if holder is None:
+                    break  # lost everywhere: the batch's blocks under it are orphans
+                chain.append((holder, x))
+                x = holder.parent_of(x)
+        if not chain:
+            return 0
+        # Each walk went child -> root; write root-most first, consecutive hashes of one pool in one copy.
+        written = 0
+        order = list(reversed(chain))
+        i = 0
+        while i < len(order):
+            pool = order[i][0]
+            j = i
+            while j < len(order) and order[j][0] is pool:
+                j += 1
+            written += self.copy_down(pool, disk, [h for _, h in order[i:j]])
+            i = j
+        return written
+
     # --------------------------------------------------------------------------------------------- writeback
     # Like an OS page cache: every block registered in a memory tier is written to the disk tier within
     # writeback_s of its registration when the disk can take it, in registration order (a parent is registered
@@ -589,7 +677,7 @@ class OffloadScheduler:
         if disk is None or not self._wb_pools or self.writeback_s is None:
             return 0
         written = 0
-        with self._wb_lock, self.queue.busy():
+        with self._wb_lock:  # not a busy() section: drain() waits for demotions, flush() runs this itself
             for p in self._wb_pools:
                 self._wb_pending.extend((seq, p, h) for seq, h in p.take_registrations())
             self._wb_pending.sort(key=lambda e: e[0])
@@ -597,13 +685,17 @@ class OffloadScheduler:
             inflight = self.inflight.get(disk.tier)
             i = 0
             while i < len(pending) and not self._stop:
-                while self.queue.depth and not self._stop:  # demotions first
+                # Demotions first, unless waiting longer would break the writeback_s promise.
+                due = time.monotonic() + (self.writeback_s or 0.0) / 2
+                while self.queue.depth and not self._stop and time.monotonic() < due:
                     self.queue.wait_idle(0.05)
                 chunk = pending[i : i + batch]
                 i += batch
                 by_pool: dict[str, tuple[BlockPool, list[bytes]]] = {}
-                for _, p, h in chunk:
-                    if h in p and h not in disk and (inflight is None or h not in inflight):
+                for seq, p, h in chunk:
+                    if inflight is not None and h in inflight:
+                        self._wb_pending.append((seq, p, h))  # a demotion is writing it: look again later
+                    elif h in p and h not in disk:
                         by_pool.setdefault(p.tier, (p, []))[1].append(h)
                 for p, hs in by_pool.values():
                     n = self.copy_down(p, disk, hs)
@@ -633,14 +725,18 @@ class OffloadScheduler:
         if self.writeback_s is None or not self._wb_pools:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._wb_done:
-            while self.writeback_pending():
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if not self.queue.drain(left):  # demotions on their way to the disk count as pending too
+                return False
+            with self._wb_done:
+                if not self.writeback_pending():
+                    return True
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._wb_kick.set()
                 self._wb_done.wait(left)
-        return True
 
     # ---------------------------------------------------------------------------------------------- cleaning
     def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
@@ -707,9 +803,20 @@ class OffloadScheduler:
     def _copy_down_locked(self, upper: BlockPool, lower: BlockPool, hashes: Sequence[bytes]) -> int:
         held = upper.acquire(hashes)
         try:
+            protect = None
+            if held and lower.storage.persistent:
+                # Only blocks whose chain reaches the disk go there (prefix-closed); the rest waits in ``upper``.
+                parents = upper.parents_of(held)
+                refused = lower.refused([b.sequence_hash for b in held], parents)
+                if refused:
+                    upper.release_blocks([b for i, b in enumerate(held) if i in refused], as_victims=True)
+                    held = [b for i, b in enumerate(held) if i not in refused]
+                    parents = [p for i, p in enumerate(parents) if i not in refused]
+                # Writing a chain's tail must not evict its own head there: what finds no other room is left.
+                protect = self._ancestors_on(lower, parents)
             if not held:
                 return 0
-            dst = lower.allocate_up_to(len(held))
+            dst = lower.allocate_up_to(len(held), protect)
             held_now = held[: len(dst)]
             if not dst:
                 return 0

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,7 @@ class BlockPool:
         # Hashes dropped outside eviction (invalidate, reset): the scheduler reaps their descendants if they left
         # every tier. Called under the lock: must only record (a deque extend).
         self._on_removed: Callable[[list[bytes]], None] | None = None
+        self._parent_present: Callable[[bytes], bool] | None = None
         self._low_free = 0
         self._on_low_free: Callable[[], None] | None = None
         self.events: EventBus | None = None  # set by the manager; publishing is a deque append
@@ -223,19 +225,21 @@ class BlockPool:
         with self._lock:
             return self._allocate_locked(n)
 
-    def allocate_up_to(self, n: int) -> list[MutableBlock]:
+    def allocate_up_to(self, n: int, protect: AbstractSet[bytes] | None = None) -> list[MutableBlock]:
         """Allocate as many of ``n`` blocks as the pool can give now (possibly none); never raises for room.
 
-        For internal movers that take what fits (promotion truncates, demotion drops the rest).
+        For internal movers that take what fits (promotion truncates, demotion drops the rest). ``protect``:
+        hashes that must not be evicted to make the room (the ancestors of the blocks about to be written: writing
+        a chain's tail must not cost its head).
         """
         self._check_open()
         with self._lock:
             if self._pending:
                 self._drain_pending()
             room = min(n, len(self._free) + self.policy.evictable_count())
-            return self._allocate_locked(room) if room > 0 else []
+            return self._allocate_locked(room, protect) if room > 0 else []
 
-    def _allocate_locked(self, n: int) -> list[MutableBlock]:
+    def _allocate_locked(self, n: int, protect: AbstractSet[bytes] | None = None) -> list[MutableBlock]:
         if self._pending:
             self._drain_pending()
         free = self._free
@@ -251,7 +255,7 @@ class BlockPool:
             slots.reverse()
         if len(slots) < n:
             try:
-                victims = self._evict_locked(n - len(slots))
+                victims = self._evict_locked(n - len(slots), protect)
             except BaseException:
                 free.extend(reversed(slots))
                 raise
@@ -267,14 +271,27 @@ class BlockPool:
             out.append(MutableBlock(self, slot, g))
         return out
 
-    def _evict_locked(self, count: int) -> list[tuple[bytes, int]]:
-        """Take ``count`` victims from the policy, checking each one, and drop them from the index."""
+    def _evict_locked(self, count: int, protect: AbstractSet[bytes] | None = None) -> list[tuple[bytes, int]]:
+        """Take ``count`` victims from the policy, checking each one, and drop them from the index.
+
+        With ``protect``, fewer victims may be returned: those hashes are never chosen.
+        """
         policy = self.policy
         by_hash, refs, pins, state = self._by_hash, self._refs, self._pins, self._state
         victims: list[tuple[bytes, int]] = []
         taken: set[bytes] = set()
         for _ in range(count):
-            key = self._pick_victim(taken)
+            key: Any
+            if protect:
+                key = self._pick_unprotected(taken, protect)
+                if key is None:
+                    break
+            elif self._persistent and self._children:
+                key = self._pick_unprotected(taken, frozenset())
+                if key is None:  # every candidate heads a held chain: take the policy's choice
+                    key = policy.evict()
+            else:
+                key = policy.evict()
             slot = by_hash.get(key) if isinstance(key, bytes) else None
             if slot is None or refs[slot] or pins[slot] or state[slot] != _REGISTERED:
                 # A misbehaving (user) policy: put back what was taken and refuse, rather than corrupt the pool.
@@ -293,30 +310,50 @@ class BlockPool:
             state[slot] = _FREE
         if self._on_evict is not None:
             self._on_evict(victims)
+        if self._on_removed is not None:
+            self._on_removed([h for h, _ in victims])  # gone from here; the scheduler checks the other tiers
         self.storage.discard([s for _, s in victims], [h for h, _ in victims])
         self.metrics.record_evictions(victims, "capacity")
         if self.events is not None and self.events.active:
             self.events.publish("removed", self.tier, [h for h, _ in victims])
         return victims
 
-    def _pick_victim(self, taken: set[bytes]) -> Any:
-        """The policy's next victim; when it has evictable descendants here, its deepest one instead.
+    def _pick_unprotected(self, taken: set[bytes], protect: AbstractSet[bytes]) -> bytes | None:
+        """A victim outside ``protect`` among the policy's next candidates, removed from the policy; None when
+        there is none.
 
-        Within a chain, tails leave before heads (as vLLM's prefix cache frees them): a head's eviction would
-        leave its tail unreachable, since a match stops at the first miss. The substituted tail is removed from
-        the policy without a ghost; the head keeps its place.
+        In a persistent tier, tails leave before heads (as vLLM's prefix cache frees them): for a candidate with
+        descendants here, its deepest evictable descendant goes instead, and a candidate whose descendants are
+        all held is passed over. A head's eviction would leave its tail unreachable, since a match stops at the
+        first miss; the head keeps its place in the policy.
         """
         policy = self.policy
-        if self._children:
-            peek = policy.candidates(1)
-            if peek and isinstance(peek[0], bytes) and peek[0] in self._children:
-                leaf = self._evictable_leaf(peek[0], taken)
-                if leaf is not None:
-                    policy.remove(leaf)
-                    return leaf
-        return policy.evict()
+        skip = taken | protect if protect else taken
+        for c in policy.candidates(64):
+            if not isinstance(c, bytes) or c in taken:
+                continue
+            if self._persistent:
+                victim = self._evictable_leaf(c, skip)
+                if victim is None and c not in protect and not self._has_children_here(c):
+                    victim = c
+            else:
+                victim = None if c in protect else c
+            if victim is not None:
+                policy.remove(victim)
+                return victim
+        return None
 
-    def _evictable_leaf(self, head: bytes, taken: set[bytes]) -> bytes | None:
+    def _has_children_here(self, h: bytes) -> bool:
+        by_hash = self._by_hash
+        return any(c in by_hash for c in self._children.get(h, ()))
+
+    def refused(self, hashes: Sequence[bytes], parents: Sequence[bytes | None]) -> set[int]:
+        """Indices of blocks this tier would refuse as orphans right now (see ``set_parent_lookup``): movers leave
+        them out before making room."""
+        with self._lock:
+            return self._orphans_locked(list(hashes), list(parents))
+
+    def _evictable_leaf(self, head: bytes, taken: AbstractSet[bytes]) -> bytes | None:
         """The deepest inactive descendant of ``head`` in this pool along one path (None when it has none)."""
         by_hash, refs, pins, state, children = self._by_hash, self._refs, self._pins, self._state, self._children
         found = None
@@ -411,7 +448,9 @@ class BlockPool:
         """
         blocks = list(blocks)
         pars = self._parents_of(sequence_hashes, parents)
-        hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        # Plain bytes from here on: the parents are taken, and a stored SequenceHash would keep its chain alive.
+        valid = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        hashes = [h if type(h) is bytes else bytes(h) for h in valid]
         if len(blocks) != len(hashes):
             raise ValueError(f"blocks and sequence_hashes differ in length: {len(blocks)} != {len(hashes)}")
         toks = self._encode_tokens(tokens, len(blocks))
@@ -425,17 +464,21 @@ class BlockPool:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
-                new: list[tuple[int, bytes, bytes | None]] = []
+                new: list[tuple[int, bytes, bytes | None, bytes | None]] = []
                 seen: set[bytes] = set()
+                orphans = self._orphans_locked(hashes, pars)
                 for i, (b, h) in enumerate(zip(blocks, hashes)):
-                    if h not in self._by_hash and h not in seen:
+                    if h not in self._by_hash and h not in seen and i not in orphans:
                         seen.add(h)
-                        new.append((b.block_id, h, toks[i] if toks is not None else None))
+                        new.append((b.block_id, h, toks[i] if toks is not None else None, pars[i]))
             # Crash ordering lives in the storage: data first, then its registry rows, in one batch.
             if new:
-                self.storage.commit([s for s, _, _ in new], [h for _, h, _ in new], [t for _, _, t in new])
+                self.storage.commit(
+                    [e[0] for e in new], [e[1] for e in new], [e[2] for e in new], parents=[e[3] for e in new]
+                )
             with self._lock:
-                return self._register_locked(blocks, hashes, toks, pars)
+                # The orphans decided before the commit: a committed row's block must be registered.
+                return self._register_locked(blocks, hashes, toks, pars, orphans)
 
     def _parents_of(self, hashes: Sequence[bytes], parents: Sequence[bytes | None] | None) -> list[bytes | None]:
         if parents is None:
@@ -481,6 +524,33 @@ class BlockPool:
             out = list(log)
             log.clear()
             return out
+
+    def set_parent_lookup(self, present: Callable[[bytes], bool] | None) -> None:
+        """Install the lock-free test "some tier holds this hash", used to refuse orphans at registration."""
+        self._parent_present = present
+
+    def _orphans_locked(self, hashes: list[bytes], pars: list[bytes | None] | None) -> set[int]:
+        """Indices of new blocks whose parent no tier holds (nor another block of the same call, nor one of its
+        orphans' descendants). Lock held."""
+        present = self._parent_present
+        if present is None or pars is None:
+            return set()
+        batch = {h: i for i, h in enumerate(hashes)}
+        out: set[int] = set()
+        for i, par in enumerate(pars):
+            if par is None or par in self._by_hash or present(par):
+                continue
+            # The parent is in this call: the block is an orphan only if its ancestors within the call are.
+            x: bytes | None = par
+            seen = 0
+            while x is not None and x in batch and seen <= len(hashes):
+                x = pars[batch[x]]
+                seen += 1
+                if x is None or x in self._by_hash or present(x):
+                    break
+            else:
+                out.add(i)
+        return out
 
     def _encode_tokens(self, tokens: Any, n: int) -> list[bytes | None] | None:
         if tokens is None:
@@ -538,6 +608,7 @@ class BlockPool:
         hashes: list[bytes],
         toks: list[bytes | None] | None = None,
         pars: list[bytes | None] | None = None,
+        orphans: set[int] | None = None,
     ) -> list[ImmutableBlock]:
         by_hash, refs, pins, state, gen = self._by_hash, self._refs, self._pins, self._state, self._gen
         tokens = self._tokens
@@ -546,11 +617,22 @@ class BlockPool:
         freed = False
         out = []
         stored = []
+        if orphans is None:
+            orphans = self._orphans_locked(hashes, pars)
         for i, (b, h) in enumerate(zip(blocks, hashes)):
             slot = b.block_id
             b._released = True
             existing = by_hash.get(h)
-            if existing is None:
+            if existing is None and i in orphans:
+                # Its parent is in no tier: a match could never reach it. The caller keeps its handle; the block
+                # is not cached and its slot is freed at the last release.
+                self.storage.drop_stage(slot)
+                self._slot_hash[slot] = None
+                state[slot] = _DOOMED
+                refs[slot] = 1
+                self.metrics.orphans_refused += 1
+                out.append(ImmutableBlock(self, slot, gen[slot], h))
+            elif existing is None:
                 stored.append(h)
                 by_hash[h] = slot
                 slot_hash[slot] = h
@@ -583,6 +665,14 @@ class BlockPool:
         if freed:
             self._room.notify_all()
         if stored:
+            present = self._parent_present
+            if present is not None and self._on_removed is not None:
+                # A parent lost while this batch was being written: hand it to the reaper, which drops its
+                # descendants (this batch included) so the tier stays prefix-closed.
+                gone = {p for h in stored if (p := self._parents[by_hash[h]]) is not None
+                        and p not in by_hash and not present(p)}
+                if gone:
+                    self._on_removed(list(gone))
             if self._on_stored is not None:
                 self._on_stored([(h, by_hash[h]) for h in stored])
             if self._written_log is not None and self._log_seq is not None:
@@ -984,17 +1074,21 @@ class BlockPool:
             return len(moves)
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _restore(self, entries: Iterable[tuple[bytes, int, bytes | None]]) -> None:
-        """Rebuild the index from stored ``(hash, slot, tokens)`` rows, oldest first (disk tier at open)."""
+    def _restore(self, entries: Iterable[tuple[bytes, int, bytes | None, bytes | None]]) -> None:
+        """Rebuild the index from stored ``(hash, slot, tokens, parent)`` rows, oldest first (disk tier at open)."""
         with self._lock:
             used = set()
-            for h, slot, toks in entries:
+            for h, slot, toks, *rest in entries:
                 if not 0 <= slot < self._n or slot in used or h in self._by_hash:
                     continue
                 used.add(slot)
                 self._by_hash[h] = slot
                 self._slot_hash[slot] = h
                 self._tokens[slot] = toks
+                par = rest[0] if rest else None
+                self._parents[slot] = par
+                if par is not None:
+                    self._children.setdefault(par, set()).add(h)
                 self._state[slot] = _REGISTERED
                 self.policy.insert(h, True)
             self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]
@@ -1008,7 +1102,7 @@ class BlockPool:
             if type(h) is not bytes:
                 if isinstance(h, (bytearray, memoryview)):
                     h = out[i] = bytes(h)
-                else:
+                elif not isinstance(h, bytes):  # a SequenceHash passes as it is (it carries .parent)
                     raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
             if len(h) != n:
                 raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {len(h)}")

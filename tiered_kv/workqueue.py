@@ -31,14 +31,27 @@ class WorkQueue(Generic[T]):
         handle: called on a worker thread for each job; must not raise (exceptions are logged).
         workers: worker threads (0: no workers, only the idle tracking of :meth:`busy`).
         name: thread name prefix.
+        merge: combines two queued jobs into one (None: they cannot be combined); a worker groups what is queued
+            behind its job, up to ``merge_units`` units, so a backlog is served with fewer, larger writes.
+        merge_units: see ``merge``.
     """
 
     def __init__(
-        self, capacity: int, size: Callable[[T], int], handle: Callable[[T], None], workers: int, name: str
+        self,
+        capacity: int,
+        size: Callable[[T], int],
+        handle: Callable[[T], None],
+        workers: int,
+        name: str,
+        *,
+        merge: Callable[[T, T], T | None] | None = None,
+        merge_units: int = 0,
     ) -> None:
         self.capacity = capacity
         self._size = size
         self._handle = handle
+        self._merge = merge
+        self._merge_units = merge_units
         self._jobs: deque[T] = deque()
         self._units = 0  # reserved, queued or in progress
         self._busy = 0
@@ -103,6 +116,15 @@ class WorkQueue(Generic[T]):
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
+                # Group what is queued behind it (one write, one commit), up to merge_units.
+                if self._merge is not None:
+                    units = self._size(job)
+                    while self._jobs and units + self._size(self._jobs[0]) <= self._merge_units:
+                        merged = self._merge(job, self._jobs[0])
+                        if merged is None:
+                            break
+                        units += self._size(self._jobs.popleft())
+                        job = merged
                 self._busy += 1
             try:
                 self._handle(job)

@@ -366,3 +366,15 @@ def test_unknown_format_version(tmp_path: Path) -> None:
         s._registry.commit(meta={**s._meta, "format_version": 99})
     with pytest.raises(DiskTierError, match="format version 99"):
         make()
+
+
+@pytest.mark.parametrize(
+    ("durability", "sync", "metasync"), [("sync", True, True), ("batch", True, False), ("none", False, False)]
+)
+def test_registry_sync_flags_per_durability(tmp_path: Path, durability: str, sync: bool, metasync: bool) -> None:
+    # "batch" must survive power loss with its integrity (LMDB MDB_NOMETASYNC: only the last transaction may be
+    # undone), never run MDB_NOSYNC, which LMDB says may corrupt the environment on a system crash.
+    with DiskStore(disk_config(tmp_path / "t", 4, durability), MODEL, hash_algorithm=ALGO, namespace=NAMESPACE) as s:
+        assert s._registry is not None
+        flags = s._registry.env.flags()
+        assert (flags["sync"], flags["metasync"]) == (sync, metasync)

@@ -1,9 +1,11 @@
 """``tiered-kv disk``: inspect, verify and repair a disk tier.
 
-The read commands (``stat``, ``ls``, ``show``, ``verify`` without ``--repair``) open the tier read-only
-with the model, hash algorithm and namespace recorded in its meta record, so only PATH is needed. They
-never take the writer lock and never change the tier, so they work while a serving process has it open
-and is writing to it. ``verify --repair`` opens the tier as its writer and so needs the writer lock.
+``verify`` checks each block's checksum and each chain: a block whose parent is not on disk is an orphan, which
+no match can reach (``stat`` counts chains and reachable blocks). The read commands (``stat``, ``ls``, ``show``,
+``verify`` without ``--repair``) open the tier read-only with the model, hash algorithm and namespace recorded in
+its meta record, so only PATH is needed. They never take the writer lock and never change the tier, so they work
+while a serving process has it open and is writing to it. ``verify --repair`` opens the tier as its writer and
+so needs the writer lock (and migrates a format version 1 tier to version 2, as every writer does).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..config import DiskConfig, ModelConfig
 from ..errors import DiskTierError
 from ..storage.disk import DiskStore, Entry, read_tier_meta
 from ..storage.disk.registry import REGISTRY_DIR, Registry
-from ..storage.disk.store import FORMAT_VERSION
+from ..storage.disk.store import READABLE_FORMAT_VERSIONS, find_orphans
 from . import main
 from ._common import (
     EXIT_FAILED,
@@ -50,6 +52,7 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _HASH_BYTES = {"sha256": 32, "xxh3_128": 16}
 _SORTS = ("slot", "age", "hits", "access")
 _LOCKED_ERRNOS = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+_MAX_ORPHANS_LISTED = 20  # verify's text output; a broken chain head can orphan thousands (--json lists all)
 
 _path_arg = click.argument("path", type=click.Path(path_type=str))
 
@@ -68,9 +71,10 @@ def _tier_meta(path: str) -> dict[str, Any]:
     except DiskTierError as exc:
         raise CliError(f"{path} is not a readable disk tier: {exc}") from exc
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise CliError(
-            f"{path} has disk format version {version!r}; tiered-kv {__version__} reads version {FORMAT_VERSION} only"
+            f"{path} has disk format version {version!r}; tiered-kv {__version__} reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
         )
     return meta
 
@@ -188,6 +192,9 @@ def stat(path: str, as_json: bool) -> None:
         store.close()
     s.pop("durability", None)  # this reader's setting, not the tier's (the writer's is not recorded)
     hits = np.fromiter((e.hits for e in entries), dtype=np.int64, count=len(entries))
+    # Chains and reachability from the same snapshot as everything else here (no second registry read).
+    orphans = find_orphans({e.hash: e.parent for e in entries})
+    chains = sum(e.parent is None for e in entries)
     oldest = min(entries, key=lambda e: (e.created, e.slot), default=None)
     newest = max(entries, key=lambda e: (e.created, e.slot), default=None)
     doc: dict[str, Any] = {
@@ -201,6 +208,9 @@ def stat(path: str, as_json: bool) -> None:
         "hits_total": int(hits.sum()),
         "hit_histogram": _hit_histogram(hits),
         "checksum_failures": s["corrupt_count"],
+        "chains": chains,  # chain heads: blocks with no parent, where every match starts
+        "reachable_blocks": len(entries) - len(orphans),
+        "orphan_blocks": len(orphans),  # no match can reach them: a block of their chain is not on disk
     }
     if as_json:
         emit_json(doc)
@@ -224,6 +234,12 @@ def stat(path: str, as_json: bool) -> None:
         ("capacity", f"{cap} blocks of {fmt_bytes(s['block_size'])}"),
         ("blocks used", f"{used} ({100.0 * used / cap if cap else 0.0:.1f}%)"),
         ("blocks free", str(s["blocks_free"])),
+        ("chains", f"{chains} (blocks with no parent, where matches start)"),
+        (
+            "reachable",
+            f"{doc['reachable_blocks']} of {used} blocks"
+            + (f"; {len(orphans)} orphans (a block of their chain is not on disk)" if orphans else ""),
+        ),
         ("bytes used", fmt_bytes(s["bytes_used"])),
         ("bytes on disk", fmt_bytes(s["bytes_on_disk"])),
         ("tier created", fmt_time(doc["tier_created"])),
@@ -428,50 +444,59 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None]]:
 
 @disk.command()
 @_path_arg
-@click.option("--repair", is_flag=True, help="Drop the corrupt blocks (needs the writer lock).")
+@click.option("--repair", is_flag=True, help="Drop the corrupt blocks and the orphans (needs the writer lock).")
 @json_option
 @handle_errors
 def verify(path: str, repair: bool, as_json: bool) -> None:
-    """Check every block of a tier against its checksum.
+    """Check every block of a tier against its checksum, and every chain for orphans.
 
-    Prints the corrupt hashes. Exits 0 when the tier is clean, 1 when corrupt blocks were found (also when
-    --repair dropped them), 3 when --repair cannot take the writer lock.
+    An orphan is a block whose parent is not on disk (or is corrupt, or an orphan itself): no match can reach
+    it. Prints the corrupt and orphaned hashes. Exits 0 when the tier is clean, 1 when corrupt blocks or
+    orphans were found (also when --repair dropped them), 3 when --repair cannot take the writer lock.
     """
-    with _opened(path, writer=repair) as store:
-        capacity = store.capacity
-        slot_of = {e.hash: e.slot for e in store.entries()}  # only to label rows outside the capacity
-        with _progress(stderr_console().is_terminal and not as_json) as progress:
-            seen = [0]
-
-            def track(done: int, total: int) -> None:
-                seen[0] = total
-                progress(done, total)
-
-            bad = store.verify(repair=repair, progress=track)
-    out_of_range = {h for h in bad if slot_of.get(h, -1) >= capacity}
-    checked = seen[0] + len(out_of_range)  # verify() reads the rows inside the capacity, reports the others
+    show_progress = stderr_console().is_terminal and not as_json
+    with _opened(path, writer=repair) as store, _progress(show_progress) as progress:
+        report = store.check(repair=repair, progress=progress)
+    bad = [*report.corrupt, *report.out_of_range]
+    out_of_range = set(report.out_of_range)
+    orphans = report.orphans
+    checked = report.checked + len(out_of_range)  # check() reads the rows inside the capacity, reports the others
+    found = bool(bad or orphans)
     if as_json:
         emit_json(
             {
                 "path": os.path.abspath(path),
                 "checked": checked,
                 "corrupt": [h.hex() for h in bad],
+                "orphans": [h.hex() for h in orphans],
                 "repaired": repair,
-                "dropped": len(bad) if repair else 0,
-                "clean": not bad,
+                "dropped": len(bad) + len(orphans) if repair else 0,
+                "clean": not found,
             }
         )
     else:
         for h in bad:
             note = " (slot outside the capacity)" if h in out_of_range else ""
             click.echo(f"corrupt {h.hex()}{note}")
-        if not bad:
+        for h in orphans[:_MAX_ORPHANS_LISTED]:
+            click.echo(f"orphan {h.hex()}")
+        if len(orphans) > _MAX_ORPHANS_LISTED:
+            click.echo(f"... and {len(orphans) - _MAX_ORPHANS_LISTED} more orphans (--json lists them all)")
+        what = " and ".join(
+            part
+            for part in (
+                f"{len(bad)} corrupt" if bad else "",
+                f"{len(orphans)} orphans (blocks whose parent is not on disk)" if orphans else "",
+            )
+            if part
+        )
+        if not found:
             click.echo(f"{checked} blocks checked: all good")
         elif repair:
-            click.echo(f"{len(bad)} corrupt of {checked} blocks checked; dropped them, the tier is clean now")
+            click.echo(f"{what} of {checked} blocks checked; dropped them, the tier is clean now")
         else:
-            click.echo(f"{len(bad)} corrupt of {checked} blocks checked; run with --repair to drop them")
-    raise SystemExit(EXIT_FAILED if bad else EXIT_OK)
+            click.echo(f"{what} of {checked} blocks checked; run with --repair to drop them")
+    raise SystemExit(EXIT_FAILED if found else EXIT_OK)
 
 
 @disk.command()

@@ -79,9 +79,14 @@ class BlockStorage(ABC):
             )
 
     def commit(  # noqa: B027 - optional hook
-        self, slots: Sequence[int], hashes: Sequence[bytes], tokens: Sequence[bytes | None] | None = None
+        self,
+        slots: Sequence[int],
+        hashes: Sequence[bytes],
+        tokens: Sequence[bytes | None] | None = None,
+        parents: Sequence[bytes | None] | None = None,
     ) -> None:
-        """Make freshly registered blocks durable (disk, with their token ids); memory tiers have nothing to do."""
+        """Make freshly registered blocks durable (disk, with their token ids and parents); memory tiers have
+        nothing to do."""
 
     def discard(self, slots: Sequence[int], hashes: Sequence[bytes]) -> None:  # noqa: B027 - optional hook
         """Forget registered blocks before their slots are reused (disk: delete their registry rows)."""

@@ -115,7 +115,11 @@ class DiskStorage(BlockStorage):
             self.staging.give([e[0]])
 
     def commit(
-        self, slots: Sequence[int], hashes: Sequence[bytes], tokens: Sequence[bytes | None] | None = None
+        self,
+        slots: Sequence[int],
+        hashes: Sequence[bytes],
+        tokens: Sequence[bytes | None] | None = None,
+        parents: Sequence[bytes | None] | None = None,
     ) -> None:
         # Crash ordering is DiskStore's: all data of the batch (what scatter did not write yet is written now,
         # each block from where it is staged, no stacking), then one registry commit.
@@ -137,7 +141,10 @@ class DiskStorage(BlockStorage):
                     parts.append(e[0])
             for i, c in zip(todo, self.store.write_data([slots[i] for i in todo], parts)):
                 checksums[i] = c
-        self.store.commit_written(list(hashes), list(slots), [int(c) for c in checksums if c is not None], tokens)
+        self.store.commit_written(
+            list(hashes), list(slots), [int(c) for c in checksums if c is not None], tokens,
+            parents if parents is not None else [None] * len(slots),
+        )
         for s in slots:
             self.drop_stage(s)
 
@@ -183,13 +190,13 @@ class DiskStorage(BlockStorage):
         """Record hits (last access time, hit count) on stored blocks."""
         self.store.touch(list(hashes))
 
-    def stored_slots(self) -> list[tuple[bytes, int, bytes | None]]:
-        """``(hash, slot, token ids)`` of every stored block, least recently used first."""
+    def stored_slots(self) -> list[tuple[bytes, int, bytes | None, bytes | None]]:
+        """``(hash, slot, token ids, parent)`` of every stored block, least recently used first."""
         return self.store.slot_order()
 
     def stored_hashes(self) -> set[bytes]:
         """Every hash with a live row."""
-        return {h for h, _, _ in self.store.slot_order()}
+        return {h for h, *_ in self.store.slot_order()}
 
     def compact(self, exclude: Sequence[int]) -> dict[bytes, tuple[int, int]]:
         """Move stored blocks to the lowest slots (see ``DiskStore.compact``); returns their moves."""

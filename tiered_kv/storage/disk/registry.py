@@ -2,8 +2,10 @@
 
 Two named databases in one LMDB environment under ``PATH/registry/``:
 
-* ``blocks``: sequence hash -> msgpack array ``[slot, checksum, size, created, last_access, hits]``
-  (checksum: xxh3-64 of the block bytes; times: Unix seconds as floats).
+* ``blocks``: sequence hash -> msgpack array ``[slot, checksum, size, created, last_access, hits, tokens, parent]``
+  (checksum: xxh3-64 of the block bytes; times: Unix seconds as floats; tokens: the block's token ids as
+  little-endian uint32 bytes, or nil; parent: the previous block's sequence hash, or nil for a chain head).
+  Format version 1 rows stop after ``hits`` or ``tokens``; readers treat the missing fields as nil.
 * ``meta``: ``b"meta"`` -> msgpack map (format version, model fingerprint, hash algorithm, namespace,
   capacity, slot stride, file layout; see :mod:`tiered_kv.storage.disk.store`).
 
@@ -26,13 +28,25 @@ import msgpack
 
 from ...errors import DiskFullError, DiskTierError
 
-__all__ = ["REGISTRY_DIR", "Registry", "Row", "gc_paused"]
+__all__ = ["REGISTRY_DIR", "ROW_FIELDS", "Registry", "Row", "gc_paused", "pad_row"]
 
 #: Subdirectory of the tier holding the LMDB environment.
 REGISTRY_DIR = "registry"
 
-#: ``[slot, checksum, size, created, last_access, hits]`` (a list so touches can update it in place).
+#: ``[slot, checksum, size, created, last_access, hits, tokens, parent]`` (a list so touches can update it in
+#: place; positions are named in :data:`ROW_FIELDS`).
 Row = list
+
+#: The fields of a row, in order (format version 2).
+ROW_FIELDS = ("slot", "checksum", "size", "created", "last_access", "hits", "tokens", "parent")
+_ROW_LEN = len(ROW_FIELDS)
+
+
+def pad_row(row: Row) -> Row:
+    """Extend a format-version-1 row (6 or 7 fields) in place to the full row, missing fields None; returns it."""
+    if len(row) < _ROW_LEN:
+        row.extend([None] * (_ROW_LEN - len(row)))
+    return row
 
 _META_KEY = b"meta"
 
@@ -66,11 +80,26 @@ class Registry:
         directory: the tier directory (the environment lives in ``directory/registry``).
         readonly: open with ``MDB_RDONLY``; uses the normal lock file, so it can read alongside a live writer.
         map_size: maximum size of the map in bytes (sparse; only written pages use disk).
-        sync: commits fsync the environment (``durability="sync"``). When False, commits only reach the page
-            cache and :meth:`sync` makes them durable.
+        sync: commits fsync the environment's data pages before they return. When False (LMDB ``MDB_NOSYNC``),
+            commits only reach the page cache and :meth:`sync` makes them durable; LMDB documents that a system
+            crash (power loss, kernel panic) may then corrupt the environment unless the file system keeps
+            write order.
+        metasync: commits also fsync the meta page, so a committed transaction is durable when the commit
+            returns. Without it (``MDB_NOMETASYNC``) LMDB keeps the environment's integrity through a system
+            crash (atomicity, consistency and isolation) and may only undo the last committed transaction
+            (py-lmdb, ``Environment(metasync=...)``); the next commit or :meth:`sync` makes it durable.
+            Defaults to ``sync``.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, readonly: bool, map_size: int, sync: bool) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        readonly: bool,
+        map_size: int,
+        sync: bool,
+        metasync: bool | None = None,
+    ) -> None:
         self.path = os.path.join(os.fspath(directory), REGISTRY_DIR)
         self.readonly = readonly
         with _translated(f"opening {self.path}"):
@@ -91,7 +120,7 @@ class Registry:
                     map_size=map_size,
                     max_dbs=2,
                     sync=sync,
-                    metasync=sync,
+                    metasync=sync if metasync is None else metasync,
                     writemap=False,  # a stray write through a pointer must never reach the file
                 )
                 # Readers of crashed processes keep old pages pinned; clear them before we grow the file.

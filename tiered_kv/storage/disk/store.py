@@ -25,22 +25,30 @@ Crash ordering (the rules every method below follows; comments at each site say 
    the commit itself is synced, so a row on disk always points at durable data.
 2. Delete: the row deletions commit before ``delete()`` returns; only then may the caller reuse the
    slots. A slot is never written while a committed row points at it.
-3. ``durability="batch"``: commits do not fsync (LMDB ``sync=False, metasync=False``); a background
-   thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``, so the rows it makes
-   durable point at synced data. But the OS may write LMDB pages back on its own before our data sync
-   (and a batch may commit between the two syncs), so after a power cut a durable row can point at a
-   slot whose new bytes never reached the disk. The xxh3-64 checksum in the row catches exactly that:
-   reads verify every block and drop rows that fail, so torn or stale bytes are never served as good.
-   A process crash (``kill -9``) loses nothing committed: the page cache survives it.
-   Caveat: LMDB itself documents that ``MDB_NOSYNC`` may corrupt the environment on an OS crash or
-   power loss inside the unsynced window; use ``durability="sync"`` where that matters.
-4. ``durability="none"``: like batch without the background data sync; ``flush()``/``close()`` sync.
-5. Two rows claiming one slot (possible only after a power cut in batch/none mode undid a delete but
+3. ``durability="batch"``: each commit fsyncs LMDB's data pages but not its meta page (``sync=True,
+   metasync=False``: ``MDB_NOMETASYNC``). LMDB documents that this keeps the environment's integrity through a
+   system crash (power loss, kernel panic: atomicity, consistency, isolation) and that such a crash may undo
+   only the last committed transaction; the next commit or ``env.sync`` makes that one durable too. (Before,
+   batch ran with ``MDB_NOSYNC``, which LMDB says may corrupt the environment on a system crash unless the file
+   system keeps write order.) The cost is one registry fdatasync per commit, i.e. per write batch, not per
+   block (``tools/bench_disk.py``, "registry group commit"). Block data is not synced at commit: a background
+   thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``. So after a power cut a
+   durable row can point at a slot whose new bytes never reached the disk. The xxh3-64 checksum in the row
+   catches exactly that: reads verify every block and drop rows that fail, so torn or stale bytes are never
+   served as good (such a block's descendants become orphans: :meth:`DiskStore.check` finds them). A process
+   crash (``kill -9``) loses nothing committed: the page cache survives it.
+4. ``durability="none"``: commits do not sync at all (``MDB_NOSYNC``) and nothing syncs the data in the
+   background; ``flush()``/``close()`` sync both. LMDB documents that a system crash inside the unsynced window
+   may corrupt the environment unless the file system keeps write order: use "batch" where power loss matters.
+5. Two rows claiming one slot (possible only after a power cut with durability "none" undid a delete but
    kept a later write): the newer row wins at open, the other is dropped.
 6. Capacity changes at open: growing fallocates the files before the meta record says so; shrinking
    drops the least recently used excess rows (commit), copies survivors from high slots to free low
    slots (data synced), commits their new slots together with the new capacity in one transaction,
    and only then truncates the files. A crash at any point leaves rows pointing at intact data.
+7. Format migration at open (writers only): a version 1 tier gets the parent field in every row (None: unknown)
+   and its new version in the meta record in ONE transaction; a crash leaves the old tier or the new one.
+   Read-only openers never migrate: they read version 1 rows as they are.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,14 +74,25 @@ from ...errors import ConfigError, CorruptBlockError, DiskFullError, DiskTierErr
 from ._kvikio import KvikioBackend, kvikio_unavailable_reason
 from ._posix import PosixBackend, aligned_empty
 from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
-from .registry import Registry, Row, gc_paused
+from .registry import ROW_FIELDS, Registry, Row, gc_paused, pad_row
 
-__all__ = ["FORMAT_VERSION", "DiskStore", "Entry", "read_tier_meta"]
+__all__ = [
+    "FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
+    "DiskStore",
+    "Entry",
+    "VerifyReport",
+    "find_orphans",
+    "read_tier_meta",
+]
 
 logger = logging.getLogger("tiered_kv.disk")
 
-#: On-disk format version written into the meta record; an unknown version is refused.
-FORMAT_VERSION = 1
+#: On-disk format version written into the meta record; an unknown version is refused. Version 2 added the
+#: parent field to the rows; a version 1 tier is migrated when opened for writing and read as is otherwise.
+FORMAT_VERSION = 2
+#: Versions this code opens: read-only openers read them as they are, writers migrate older ones.
+READABLE_FORMAT_VERSIONS = (1, 2)
 _LAYOUT_KIND = "sharded"
 _NSHARDS = 8
 _FILE_PATTERN = "data-{:03d}.bin"
@@ -84,9 +103,10 @@ _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
 _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
 
-# Row field positions (see registry.Row).
-_SLOT, _CSUM, _SIZE, _CREATED, _ACCESS, _HITS = range(6)
-# An optional 7th field holds the block's token ids (bytes); rows without it (older writers) stay valid.
+# Row field positions (see registry.ROW_FIELDS). Rows in memory always have every field: format-version-1 rows
+# (6 or 7 fields) are padded with None when loaded.
+_SLOT, _CSUM, _SIZE, _CREATED, _ACCESS, _HITS, _TOKENS, _PARENT = range(len(ROW_FIELDS))
+_ROW_LENS = (6, 7, len(ROW_FIELDS))  # what a stored row may have (6, 7: format version 1)
 
 
 @dataclass(frozen=True)
@@ -101,10 +121,79 @@ class Entry:
     last_access: float
     hits: int
     tokens: bytes | None = None  # the block's token ids (uint32 LE) when the writer recorded them
+    parent: bytes | None = None  # the previous block's hash; None for a chain head (and rows of format version 1)
 
 
 def _entry(key: bytes, row: Row) -> Entry:
-    return Entry(key, row[0], row[1], row[2], row[3], row[4], row[5], row[6] if len(row) > 6 else None)
+    return Entry(key, *row[: _PARENT + 1])
+
+
+def _padded(rows: dict[bytes, Row]) -> dict[bytes, Row]:
+    """Pad format-version-1 rows in place (a C-level length check first: a version 2 tier costs one pass)."""
+    try:
+        full = set(map(len, rows.values())) <= {len(ROW_FIELDS)}
+    except TypeError:  # a malformed row (not a list); the writer's open drops those
+        full = False
+    if not full:
+        for row in rows.values():
+            if isinstance(row, list):
+                pad_row(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`DiskStore.check` found, each in slot order (and, with ``repair``, dropped)."""
+
+    checked: int  # blocks read and checked against their checksums
+    corrupt: tuple[bytes, ...]  # failed their checksum, or could not be read
+    out_of_range: tuple[bytes, ...]  # rows whose slot lies outside the capacity (not read)
+    orphans: tuple[bytes, ...]  # ancestor chain broken on disk (the blocks above counted as gone)
+    repaired: bool  # everything above was dropped, in one transaction
+
+    @property
+    def clean(self) -> bool:
+        """Nothing was found."""
+        return not (self.corrupt or self.out_of_range or self.orphans)
+
+
+def find_orphans(parents: Mapping[bytes, bytes | None], absent: Iterable[bytes] = ()) -> set[bytes]:
+    """The orphans among stored blocks: those whose parent is not stored, or is an orphan itself.
+
+    Args:
+        parents: every stored block's hash -> its parent's hash (None: a chain head).
+        absent: hashes to count as not stored even if they are in ``parents`` (blocks about to be dropped);
+            they are not reported themselves.
+
+    Returns:
+        The orphans' hashes. A parent cycle (only damaged rows could make one) reaches no chain head, so its
+        blocks are orphans too. O(n): each block's walk up its chain stops at the first block already decided.
+    """
+    reachable: dict[bytes, bool] = dict.fromkeys(absent, False)
+    for start in parents:
+        if start in reachable:
+            continue
+        path: list[bytes] = []
+        key: bytes | None = start
+        while True:
+            assert key is not None
+            known = reachable.get(key)
+            if known is not None:
+                ok = known
+                break
+            if key not in parents:
+                ok = False  # the parent is not on disk
+                break
+            path.append(key)
+            reachable[key] = False  # provisional: meeting it again on this walk means a cycle
+            key = parents[key]
+            if key is None:
+                ok = True  # a chain head
+                break
+        for k in path:
+            reachable[k] = ok
+    skip = set(absent)
+    return {k for k, ok in reachable.items() if not ok and k in parents and k not in skip}
 
 
 def _checksum(buf: torch.Tensor) -> int:
@@ -272,9 +361,10 @@ class DiskStore:
     def _check_meta(self, meta: dict[str, Any]) -> None:
         """Refuse a tier made by another format/model/algorithm/namespace. Writes nothing."""
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise DiskTierError(
-                f"disk tier {self.root} has format version {version!r}; this tiered_kv reads version {FORMAT_VERSION}"
+                f"disk tier {self.root} has format version {version!r}; this tiered_kv reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         mine = {
             "fingerprint": self.model.fingerprint(),
@@ -313,7 +403,7 @@ class DiskStore:
                 raise DiskTierError(f"disk tier at {self.root} is not initialised (no meta record)")
             self._check_meta(meta)
             self._apply_meta(meta)
-            self._rows = self._registry.load_rows()
+            self._rows = _padded(self._registry.load_rows())
             self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
             self.backend.open(self._paths(), readonly=True)
             self._backend_opened = True
@@ -326,7 +416,15 @@ class DiskStore:
         self._writer_lock = _WriterLock(self.root)
         want = self.config.num_blocks
         map_size = max(_MIN_MAP_SIZE, want * _MAP_BYTES_PER_BLOCK)
-        self._registry = Registry(self.root, readonly=False, map_size=map_size, sync=self.durability == "sync")
+        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit, "batch" the data pages only (integrity
+        # through power loss, the last transaction may be undone), "none" neither.
+        self._registry = Registry(
+            self.root,
+            readonly=False,
+            map_size=map_size,
+            sync=self.durability != "none",
+            metasync=self.durability == "sync",
+        )
         meta = self._registry.read_meta()
         if meta is None:
             # Fresh tier. Files first, meta last: a crash before the meta commit leaves a tier that the
@@ -343,6 +441,8 @@ class DiskStore:
             self._apply_meta(meta)
             old = int(meta["capacity"])
             self._rows = self._registry.load_rows()
+            if meta.get("format_version") != FORMAT_VERSION:
+                meta = self._migrate(meta)  # before anything below writes the meta record back
             self._reconcile()
             # Grow first (and keep the old files whole until a shrink has moved the survivors).
             self._size_files(max(old, want), shrink=False)
@@ -412,12 +512,13 @@ class DiskStore:
         for key, row in self._rows.items():
             if (
                 not isinstance(row, list)
-                or len(row) not in (6, 7)
+                or len(row) not in _ROW_LENS
                 or not isinstance(row[_SLOT], int)
                 or row[_SLOT] < 0
             ):
                 bad.append(key)
                 continue
+            pad_row(row)
             other = by_slot.get(row[_SLOT])
             if other is not None:
                 loser = key if self._rows[other][_CREATED] >= row[_CREATED] else other
@@ -433,6 +534,38 @@ class DiskStore:
             for key in bad:
                 self._rows.pop(key, None)
         self._by_slot = by_slot
+
+    def _migrate(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Bring a format-version-1 tier to the current version in place (rule 7); returns the new meta record.
+
+        Version 2 added the parent field: every row gains ``parent = None`` (unknown, so each old block counts as
+        a chain head) and the meta record its new version, in ONE transaction, so a crash leaves either the old
+        tier or the migrated one. Rows that are not well-formed are left to :meth:`_reconcile`.
+        """
+        assert self._registry is not None
+        version = meta.get("format_version")
+        if version != 1:  # _check_meta let it through, so this is a version this code reads but cannot upgrade
+            raise DiskTierError(f"disk tier {self.root}: no migration from format version {version!r}")
+        puts = {
+            key: pad_row(row)
+            for key, row in self._rows.items()
+            if isinstance(row, list) and len(row) in _ROW_LENS and len(row) < len(ROW_FIELDS)
+        }
+        migrated = {**meta, "format_version": FORMAT_VERSION}
+        try:
+            self._registry.commit(puts=puts, meta=migrated)
+            self._registry.sync()
+        except DiskTierError as exc:  # DiskFullError included: the transaction committed nothing
+            raise type(exc)(
+                f"disk tier {self.root}: cannot migrate it from format version {version} to {FORMAT_VERSION} "
+                f"({exc}); it is unchanged, and older tiered_kv versions or read-only openers can still read it"
+            ) from exc
+        self._meta = migrated
+        logger.info(
+            "disk tier %s migrated from format version %s to %s (%d rows)", self.root, version, FORMAT_VERSION,
+            len(puts),
+        )
+        return migrated
 
     def _shrink(self, meta: dict[str, Any], capacity: int) -> None:
         """Keep the most recently used rows that fit in ``capacity`` slots (rule 6)."""
@@ -619,6 +752,35 @@ class DiskStore:
             out.append(t.view(torch.uint8).reshape(self.block_size))
         return out
 
+    def _row_extras(
+        self,
+        hashes: Sequence[bytes],
+        keys: Sequence[bytes],
+        tokens: Sequence[bytes | None] | None,
+        parents: Sequence[bytes | None] | None,
+    ) -> list[tuple[bytes | None, bytes | None]]:
+        """The ``(tokens, parent)`` row fields of each block of a write batch, checked (see :meth:`write_blocks`)."""
+        n = len(keys)
+        if tokens is not None and len(tokens) != n:
+            raise DiskTierError(f"{n} hashes but {len(tokens)} token entries")
+        if parents is None:
+            parents = [getattr(h, "parent", None) for h in hashes]
+        elif len(parents) != n:
+            raise DiskTierError(f"{n} hashes but {len(parents)} parents")
+        parent_keys: list[bytes | None] = []
+        for key, p in zip(keys, parents, strict=True):
+            if p is None:
+                parent_keys.append(None)
+                continue
+            if not isinstance(p, (bytes, bytearray, memoryview)):
+                raise DiskTierError(f"a parent must be a sequence hash (bytes) or None, got {type(p).__name__}")
+            pk = self._check_hash(bytes(p))
+            if pk == key:
+                raise DiskTierError(f"block {key.hex()} cannot be its own parent")
+            parent_keys.append(pk)
+        toks = [None] * n if tokens is None else [None if t is None else bytes(t) for t in tokens]
+        return list(zip(toks, parent_keys, strict=True))
+
     def _commit(self, puts: dict[bytes, Row] | None = None, deletes: Sequence[bytes] = ()) -> None:
         """One registry transaction carrying ``puts``, ``deletes`` and every pending touch.
 
@@ -643,10 +805,14 @@ class DiskStore:
         slots: Sequence[int],
         data: torch.Tensor | Sequence[torch.Tensor],
         tokens: Sequence[bytes | None] | None = None,
+        parents: Sequence[bytes | None] | None = None,
     ) -> None:
         """Store ``data[i]`` under ``hashes[i]`` in free slot ``slots[i]``; all rows commit together.
 
         ``tokens[i]``, when given, is recorded in the row (the block's token ids, for verification on match).
+        ``parents[i]`` is recorded as the block's parent: the hash of the previous block of its sequence, or None
+        for a chain head. Without ``parents``, each hash's own ``.parent`` is used when it has one (a
+        :class:`~tiered_kv.hashing.SequenceHash`), else None.
 
         Args:
             hashes: sequence hashes, none of them already stored.
@@ -671,8 +837,11 @@ class DiskStore:
             for key in keys:
                 if key in self._rows:
                     raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+        self._row_extras(hashes, keys, tokens, parents)  # bad tokens or parents: refused before any write
+        if parents is None:
+            parents = [getattr(h, "parent", None) for h in hashes]
         checksums = self.write_data(slots, data)
-        self.commit_written(keys, slots, checksums, tokens)
+        self.commit_written(keys, slots, checksums, tokens, parents)
 
     def write_data(self, slots: Sequence[int], data: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
         """Write block bytes into free slots WITHOUT registering them; returns their checksums.
@@ -729,9 +898,11 @@ class DiskStore:
         slots: Sequence[int],
         checksums: Sequence[int],
         tokens: Sequence[bytes | None] | None = None,
+        parents: Sequence[bytes | None] | None = None,
     ) -> None:
         """Register blocks whose bytes :meth:`write_data` wrote: all rows in one transaction (the second half of
-        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first (rule 1).
+        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first (rule 1). ``tokens`` and
+        ``parents`` as in :meth:`write_blocks`.
 
         Raises:
             DiskTierError: a slot is taken or a hash already stored (nothing committed); registry failures.
@@ -746,6 +917,7 @@ class DiskStore:
         slot_list = [int(s) for s in slots]
         if len(set(keys)) != n or len(set(slot_list)) != n:
             raise DiskTierError("hashes and slots of one write batch must be distinct")
+        extras = self._row_extras(hashes, keys, tokens, parents)
         with self._lock:
             for key, slot in zip(keys, slot_list, strict=True):
                 if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
@@ -759,12 +931,9 @@ class DiskStore:
                 raise _os_error(exc, f"syncing {n} blocks to {self.root}") from exc
         now = time.time()
         rows: dict[bytes, Row] = {
-            k: [s, c, self.block_size, now, now, 0] for k, s, c in zip(keys, slot_list, checksums, strict=True)
+            k: [s, c, self.block_size, now, now, 0, *x]
+            for k, s, c, x in zip(keys, slot_list, checksums, extras, strict=True)
         }
-        if tokens is not None:
-            for k, t in zip(keys, tokens, strict=True):
-                if t is not None:
-                    rows[k].append(bytes(t))
         with self._commit_lock:
             self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
             with self._lock:
@@ -908,7 +1077,7 @@ class DiskStore:
         reg = self._check_open()
         if not self.readonly:
             return
-        rows = reg.load_rows()
+        rows = _padded(reg.load_rows())
         with self._lock:
             self._rows = rows
             self._by_slot = {row[_SLOT]: key for key, row in rows.items()}
@@ -919,15 +1088,15 @@ class DiskStore:
             items, order = self._lru_order()
             return [_entry(items[i][0], items[i][1]) for i in order]
 
-    def slot_order(self) -> list[tuple[bytes, int, bytes | None]]:
-        """``(hash, slot, token ids)`` of every live block in :meth:`entries` order, without building entries.
+    def slot_order(self) -> list[tuple[bytes, int, bytes | None, bytes | None]]:
+        """``(hash, slot, token ids, parent)`` of every live block in :meth:`entries` order, without building entries.
 
         What a pool needs to rebuild its bookkeeping at open; about twice as fast as :meth:`entries` on a
         million rows.
         """
         with gc_paused():
             items, order = self._lru_order()
-            return [(k, r[_SLOT], r[6] if len(r) > 6 else None) for k, r in (items[i] for i in order)]
+            return [(k, r[_SLOT], r[_TOKENS], r[_PARENT]) for k, r in (items[i] for i in order)]
 
     def _lru_order(self) -> tuple[list[tuple[bytes, Row]], list[int]]:
         self.refresh()
@@ -946,6 +1115,7 @@ class DiskStore:
         if self.readonly:
             row = reg.get(key)
             if row is not None:
+                pad_row(row)
                 with self._lock:
                     old = self._rows.get(key)
                     if old is not None:
@@ -978,7 +1148,7 @@ class DiskStore:
                 data_bytes += os.stat(p).st_blocks * 512
         return {
             "path": self.root,
-            "format_version": FORMAT_VERSION,
+            "format_version": self._meta.get("format_version"),  # 1 for a version-1 tier read as it is
             "fingerprint": self.model.fingerprint(),
             "hash_algorithm": self.hash_algorithm,
             "namespace": self.namespace,
@@ -1005,18 +1175,46 @@ class DiskStore:
         """Read every stored block and check it; returns the hashes of corrupt (or unreadable) blocks.
 
         Rows whose slot lies outside the capacity are reported too. With ``repair`` (writers only) all
-        of them are dropped in one transaction; without it nothing changes.
+        of them are dropped in one transaction; without it nothing changes. Parents are not looked at:
+        :meth:`check` also finds (and drops) the orphans.
 
         Args:
             repair: drop the reported rows (needs the writer).
             progress: called as ``progress(done, total)`` with the number of blocks read so far, once
                 before the first batch and after every batch (for progress bars).
         """
+        report = self._verify(repair, progress, chains=False)
+        return [*report.corrupt, *report.out_of_range]
+
+    def check(self, repair: bool = False, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """:meth:`verify`, and the orphans: blocks that no match can reach because their chain is broken on disk.
+
+        An orphan is a block whose parent is not on disk, or is itself an orphan; blocks found corrupt or outside
+        the capacity count as gone. With ``repair`` (writers only) the corrupt blocks, those outside the capacity
+        and the orphans are dropped in ONE transaction, children together with their parents, so the tier is
+        prefix-closed afterwards and never passes through a state where a child outlives its parent.
+
+        Args:
+            repair: drop everything reported (needs the writer).
+            progress: as for :meth:`verify`.
+        """
+        return self._verify(repair, progress, chains=True)
+
+    def orphans(self) -> list[bytes]:
+        """Hashes of the blocks whose ancestor chain is broken on disk (see :meth:`check`), by slot; reads no data."""
+        self._check_open()
+        self.refresh()
+        with self._lock:
+            parents = {k: r[_PARENT] for k, r in self._rows.items()}
+            slot = {k: r[_SLOT] for k, r in self._rows.items()}
+        return sorted(find_orphans(parents), key=slot.__getitem__)
+
+    def _verify(self, repair: bool, progress: Callable[[int, int], None] | None, *, chains: bool) -> VerifyReport:
         self._check_open(write=repair)
         self.refresh()
         with self._lock:
             items = sorted(((k, list(r)) for k, r in self._rows.items()), key=lambda kv: kv[1][_SLOT])
-        orphans = [k for k, r in items if r[_SLOT] >= self.capacity_]
+        outside = [k for k, r in items if r[_SLOT] >= self.capacity_]
         valid = [(k, r) for k, r in items if r[_SLOT] < self.capacity_]
         per = max(1, _IO_BATCH_BYTES // self.stride)
         failed: list[tuple[bytes, Row]] = []
@@ -1030,8 +1228,13 @@ class DiskStore:
             if progress is not None:
                 progress(start + len(batch), len(valid))
         bad = self._confirm_readonly(failed) if self.readonly else [k for k, _ in failed]
-        if repair and (bad or orphans):
-            drop = bad + orphans
+        orphans: list[bytes] = []
+        if chains:
+            # The same snapshot as the reads; blocks about to be reported as bad count as gone.
+            found = find_orphans({k: r[_PARENT] for k, r in items}, absent=[*bad, *outside])
+            orphans = [k for k, _ in items if k in found]
+        if repair and (bad or outside or orphans):
+            drop = bad + outside + orphans
             with self._commit_lock:
                 self._commit(deletes=drop)
                 with self._lock:
@@ -1040,7 +1243,13 @@ class DiskStore:
                         if row is not None and self._by_slot.get(row[_SLOT]) == k:
                             del self._by_slot[row[_SLOT]]
                     self.corrupt_count += len(bad)
-        return bad + orphans
+        return VerifyReport(
+            checked=len(valid),
+            corrupt=tuple(bad),
+            out_of_range=tuple(outside),
+            orphans=tuple(orphans),
+            repaired=repair,
+        )
 
     # -- durability -------------------------------------------------------------------------------
     def _sync_all(self) -> None:
