@@ -5,7 +5,9 @@ tokens, and move between tiers so that a returning prefix costs a copy instead o
 """
 
 from .blocks import ImmutableBlock, MutableBlock, UnreleasedBlockWarning
+from .compat.kv_cache import create_kv_cache_manager
 from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, RemoteConfig
+from .enums import DeviceType, DType, EvictionMode, HashAlgorithm
 from .errors import (
     BlockPoolError,
     ConfigError,
@@ -33,11 +35,15 @@ __all__ = [
     "BlockState",
     "ConfigError",
     "CorruptBlockError",
+    "DType",
+    "DeviceType",
     "DiskConfig",
     "DiskFullError",
     "DiskTierError",
     "EvictionEvent",
+    "EvictionMode",
     "EvictionPolicy",
+    "HashAlgorithm",
     "ImmutableBlock",
     "InvalidBlockError",
     "KvBlockManager",
@@ -56,6 +62,7 @@ __all__ = [
     "compute_cache_keys",
     "compute_prefix_match",
     "compute_sequence_hashes",
+    "create_kv_cache_manager",
     "register_eviction_policy",
     "__version__",
 ]

@@ -115,7 +115,8 @@ class KvBlockManager:
         self._remote: RemoteTier | None = None
         if config.remote is not None:
             self._open_remote(config)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        wid = config.worker_id
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}" if wid is None else str(wid)
         self._peers: dict[str, dict[str, Any]] = {}
 
     def _add_pool(self, tier: str, storage: Any, num_blocks: int) -> BlockPool:
@@ -575,19 +576,13 @@ class KvBlockManager:
         self.events.watch(pool, threshold, callback)
 
     def trigger_eviction(self, mode: str = "normal", tier: str | None = None) -> int:
-        """Evict inactive blocks now (victims are demoted as usual); returns how many were evicted.
+        """Evict inactive blocks of one tier (the top by default) now; victims are demoted as usual.
 
-        ``mode="normal"`` frees until a quarter of the tier is free; ``"aggressive"`` evicts every inactive block.
+        ``mode``: an :class:`~tiered_kv.enums.EvictionMode` or its string; see :meth:`BlockPool.trigger_eviction`.
+        Returns how many blocks were evicted.
         """
-        if mode not in ("normal", "aggressive"):
-            raise ValueError(f"mode must be 'normal' or 'aggressive', got {mode!r}")
         self._check_open()
-        pool = self._pool_named(tier)
-        if mode == "aggressive":
-            count = pool.total_blocks()
-        else:
-            count = max(0, pool.total_blocks() // 4 - len(pool._free))
-        return len(pool.evict_inactive(count))
+        return self._pool_named(tier).trigger_eviction(mode)
 
     def _pool_named(self, tier: str | None) -> BlockPool:
         if tier is None:

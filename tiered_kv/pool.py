@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .blocks import ImmutableBlock, MutableBlock, _Block
+from .enums import plain
 from .errors import BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
@@ -50,11 +51,15 @@ _DOOMED = 3  # dropped from the index while still referenced; freed at the last 
 
 
 class BlockState(IntEnum):
-    """Priority of a slot when room is needed (seed 000): higher values are kept longer."""
+    """State of a slot, in seed 000's priority order: PINNED > CACHED > ALLOCATED > FREE.
+
+    Of the states that hold data, only CACHED blocks (registered, inactive) are ever evicted; ALLOCATED and PINNED
+    blocks stay until released or unpinned.
+    """
 
     FREE = 0
-    CACHED = 1  # registered and inactive: evictable
-    ALLOCATED = 2  # mutable, or registered and referenced
+    ALLOCATED = 1  # mutable, or registered and referenced
+    CACHED = 2  # registered and inactive: evictable
     PINNED = 3  # never evicted
 
 
@@ -158,6 +163,8 @@ class BlockPool:
             registered = len(self._by_hash)
             pinned = sum(1 for p in self._pins if p)
             mutable = sum(1 for s in self._state if s == _MUTABLE)
+            get_stats = getattr(self.policy, "get_stats", None)
+            policy_stats = get_stats() if callable(get_stats) else None
         m = self.metrics
         return {
             "total_blocks": self._n,
@@ -175,6 +182,8 @@ class BlockPool:
             "evictions": m.evictions,
             "eviction_rate": m.eviction_rate(60.0),
             "corrupt_blocks": m.corrupt,
+            "residency": m.residency(),
+            **({"policy": policy_stats} if policy_stats is not None else {}),
         }
 
     # ---------------------------------------------------------------------------------------------- allocation
@@ -448,6 +457,7 @@ class BlockPool:
         if freed:
             self._room.notify_all()
         if stored:
+            self.metrics.note_stored([by_hash[h] for h in stored])
             if self._on_stored is not None:
                 self._on_stored([(h, by_hash[h]) for h in stored])
             if self.events is not None and self.events.active:
@@ -824,7 +834,7 @@ class BlockPool:
         out = list(hashes)
         for i, h in enumerate(out):
             if type(h) is not bytes:
-                if isinstance(h, (bytearray, memoryview)):
+                if isinstance(h, (bytes, bytearray, memoryview)):  # bytes subclasses too (BlockHash)
                     h = out[i] = bytes(h)
                 else:
                     raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
@@ -840,3 +850,33 @@ class BlockPool:
 
     def __repr__(self) -> str:
         return f"BlockPool({self.tier}, {self._n} blocks, {len(self._by_hash)} cached)"
+
+    def trigger_eviction(self, mode: str = "normal") -> int:
+        """Evict inactive blocks now (the manager demotes them as usual); returns how many were evicted.
+
+        Args:
+            mode: ``EvictionMode.NORMAL`` / ``"normal"`` frees inactive blocks until a quarter of the pool is free;
+                ``EvictionMode.AGGRESSIVE`` / ``"aggressive"`` evicts every inactive block.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        mode = plain(mode)
+        if mode not in ("normal", "aggressive"):
+            raise ValueError(f"mode must be EvictionMode.NORMAL/'normal' or EvictionMode.AGGRESSIVE/'aggressive', "
+                             f"got {mode!r}")
+        self._check_open()
+        if mode == "aggressive":
+            count = self._n
+        else:
+            with self._lock:
+                count = max(0, self._n // 4 - len(self._free))
+        return len(self.evict_inactive(count))
+
+    def hash_of(self, block_id: int) -> bytes | None:
+        """The sequence hash a slot is registered under, or None (free, mutable, or dropped from the index)."""
+        if not 0 <= block_id < self._n:
+            raise IndexError(f"block_id must be in [0, {self._n}), got {block_id}")
+        with self._lock:
+            h = self._slot_hash[block_id]
+            return h if h is not None and self._by_hash.get(h) == block_id else None
