@@ -21,7 +21,7 @@ from .errors import (
     TieredKvError,
 )
 from .hashing import SequenceHash, compute_cache_keys, compute_prefix_match, compute_sequence_hashes
-from .manager import KvBlockManager
+from .manager import KvBlockManager, UnclosedManagerWarning
 from .metrics import EvictionEvent
 from .policies import ARCPolicy, EvictionPolicy, LRUPolicy, register_eviction_policy
 from .pool import BlockPool, BlockState
@@ -58,6 +58,7 @@ __all__ = [
     "SequenceHash",
     "ShutdownError",
     "TieredKvError",
+    "UnclosedManagerWarning",
     "UnreleasedBlockWarning",
     "compute_cache_keys",
     "compute_prefix_match",

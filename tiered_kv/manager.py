@@ -15,6 +15,8 @@ import os
 import socket
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -43,7 +45,7 @@ from .transfer import TransferStreams, copy_between
 if TYPE_CHECKING:
     from .remote import RemotePoolView, RemoteTier
 
-__all__ = ["KvBlockManager"]
+__all__ = ["KvBlockManager", "UnclosedManagerWarning"]
 
 log = logging.getLogger("tiered_kv")
 
@@ -77,7 +79,9 @@ class KvBlockManager:
         self.model = config.model
         self.device_type = config.resolved_device_type
         self._hash_length = hash_length(config.hash_algorithm)
-        self._closed = False
+        # Set by close() (or the drop finalizer); pools and workers see this flag, never the manager itself, so a
+        # manager dropped without close() can be collected (seed 004's CancelOnLastDrop).
+        self._shutdown_flag = threading.Event()
         self._close_lock = threading.Lock()
         self._streams = TransferStreams(self.device_type)
         self.events = EventBus()
@@ -118,10 +122,13 @@ class KvBlockManager:
         wid = config.worker_id
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}" if wid is None else str(wid)
         self._peers: dict[str, dict[str, Any]] = {}
+        parts = (self.scheduler, self._pools, self.events, self._remote, self._shutdown_flag)
+        self._finalizer = weakref.finalize(self, _close_dropped, repr(self), *parts)
+        self._finalizer.atexit = False  # at interpreter exit, as before: daemon threads just end
 
     def _add_pool(self, tier: str, storage: Any, num_blocks: int) -> BlockPool:
         pool = BlockPool(tier, storage, create_policy(self.config.eviction, num_blocks), self._hash_length)
-        pool._closed = lambda: self._closed
+        pool._closed = self._shutdown_flag.is_set
         self._pools[tier] = pool
         return pool
 
@@ -694,24 +701,11 @@ class KvBlockManager:
         with self._close_lock:
             if self._closed:
                 return
-            try:
-                self.scheduler.stop(timeout=10.0)
-                disk = self._pools.get("disk")
-                if disk is not None:
-                    disk.storage.flush()  # type: ignore[attr-defined]
-            finally:
-                self._closed = True
-                self.events.close()
-                if self._remote is not None:
-                    self._remote.close()
-                self._close_storages()
+            self._finalizer.detach()
+            _close_parts(self.scheduler, self._pools, self.events, self._remote, self._shutdown_flag)
 
     def _close_storages(self) -> None:
-        for pool in self._pools.values():
-            try:
-                pool.storage.close()
-            except Exception:
-                log.exception("closing the %s tier failed", pool.tier)
+        _close_storages(self._pools)
 
     def __enter__(self) -> KvBlockManager:
         return self
@@ -727,3 +721,52 @@ class KvBlockManager:
         tiers = ", ".join(f"{p.tier}={p.total_blocks()}" for p in self._order)
         return f"KvBlockManager({tiers}, device_type={self.device_type!r})"
 
+    @property
+    def _closed(self) -> bool:
+        return self._shutdown_flag.is_set()
+
+
+class UnclosedManagerWarning(ResourceWarning):
+    """A :class:`KvBlockManager` was garbage-collected without ``close()``; it was closed then."""
+
+
+def _close_parts(
+    scheduler: OffloadScheduler,
+    pools: dict[str, BlockPool],
+    events: EventBus,
+    remote: RemoteTier | None,
+    flag: threading.Event,
+) -> None:
+    """Flush, stop background work and close files: ``close()``'s work, shared with the drop finalizer."""
+    try:
+        scheduler.stop(timeout=10.0)
+        disk = pools.get("disk")
+        if disk is not None:
+            disk.storage.flush()  # type: ignore[attr-defined]
+    finally:
+        flag.set()  # from here on every call raises ShutdownError
+        events.close()
+        if remote is not None:
+            remote.close()
+        _close_storages(pools)
+
+
+def _close_storages(pools: dict[str, BlockPool]) -> None:
+    for pool in pools.values():
+        try:
+            pool.storage.close()
+        except Exception:
+            log.exception("closing the %s tier failed", pool.tier)
+
+
+def _close_dropped(description: str, *parts: Any) -> None:
+    """Finalizer of a manager dropped without ``close()``: warn, then close what it left running."""
+    warnings.warn(
+        f"{description} was garbage-collected without close(); closing it now", UnclosedManagerWarning, stacklevel=2
+    )
+    if threading.current_thread().name.startswith("tiered-kv"):
+        # The last reference went away on one of the manager's own threads (a prefetch job): a thread cannot join
+        # itself, so the shutdown runs on a thread of its own.
+        threading.Thread(target=_close_parts, args=parts, name="tiered-kv-close", daemon=True).start()
+    else:
+        _close_parts(*parts)
