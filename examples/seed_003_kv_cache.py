@@ -25,6 +25,10 @@ def main() -> None:
         device = mgr.device()
         assert device is not None
         blocks = mgr.request_blocks("req-1")[:6]
+        for b in blocks:  # the "forward pass" writes each layer's K and V into the request's blocks
+            for layer in range(mgr.model.num_layers):
+                b.layer_view(layer, 0).fill_(0.5)
+                b.layer_view(layer, 1).fill_(-0.5)
         hashes = mgr.sequence_hashes(list(range(96)))
         gpu = device.register_blocks(blocks, hashes)
         transfer = KVCacheTransfer(mgr)

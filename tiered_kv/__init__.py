@@ -9,6 +9,7 @@ from .compat.kv_cache import create_kv_cache_manager
 from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, RemoteConfig
 from .enums import DeviceType, DType, EvictionMode, HashAlgorithm
 from .errors import (
+    BlockNotComplete,
     BlockPoolError,
     ConfigError,
     CorruptBlockError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCPolicy",
+    "BlockNotComplete",
     "BlockPool",
     "BlockPoolError",
     "BlockState",

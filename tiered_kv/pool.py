@@ -32,7 +32,7 @@ import torch
 
 from .blocks import ImmutableBlock, MutableBlock, _Block
 from .enums import plain
-from .errors import BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
+from .errors import BlockNotComplete, BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
 from .tokens import encode_tokens
@@ -351,11 +351,13 @@ class BlockPool:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
+                self._check_written(blocks)
                 return self._register_locked(blocks, hashes, toks)
         with self._register_lock:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
+                self._check_written(blocks)
                 new: list[tuple[int, bytes, bytes | None]] = []
                 seen: set[bytes] = set()
                 for i, (b, h) in enumerate(zip(blocks, hashes)):
@@ -417,6 +419,14 @@ class BlockPool:
             if slot in seen:
                 raise InvalidBlockError(f"blocks[{i}]: {self.tier}:{slot} appears twice")
             seen.add(slot)
+
+    def _check_written(self, blocks: list[MutableBlock]) -> None:
+        for i, b in enumerate(blocks):
+            if not b._written:
+                raise BlockNotComplete(
+                    f"blocks[{i}]: {self.tier}:{b.block_id} was never written (layer_view, write, scatter or a copy); "
+                    "nothing was registered"
+                )
 
     def _register_locked(
         self, blocks: list[MutableBlock], hashes: list[bytes], toks: list[bytes | None] | None = None
@@ -711,6 +721,8 @@ class BlockPool:
             if type(b) is not MutableBlock or b._released or b._pool is not self:
                 raise InvalidBlockError(f"blocks[{i}]: {b!r} is not a live MutableBlock of the {self.tier} pool")
         self.storage.scatter([b.block_id for b in blocks], data)
+        for b in blocks:
+            b._written = True
 
     # ------------------------------------------------------------------------------------------------- removal
     def invalidate(self, sequence_hashes: Sequence[bytes], corrupt: bool = False) -> int:

@@ -65,6 +65,8 @@ def copy_between(
         for i, s in enumerate(src):
             if s.released or s.pool is not src_pool:
                 raise InvalidBlockError(f"src[{i}]: {s!r} is released or from another pool")
+        for b in dst:
+            b._written = True  # what scatter records on the other path
         src_arena, dst_arena = src_pool.storage, dst_pool.storage
         assert isinstance(src_arena, TensorArena) and isinstance(dst_arena, TensorArena)
         if stream is None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tiered_kv import (
+    BlockNotComplete,
     ConfigError,
     InvalidBlockError,
     KvBlockManager,
@@ -141,6 +142,9 @@ def test_pin_unpin_reset_and_uncached_free(cache: PrefixCacheManager) -> None:
         cache.pin_block(new[0].block_id)  # its data is not written yet
     cache.free_blocks([new[0].block_id], cache=False)
     assert cache.get_cached_blocks(hashes) == []
+    unwritten = cache.allocate_blocks(hashes)
+    cache.free_blocks([unwritten[0].block_id])  # an aborted request: nothing written, so nothing cached
+    assert cache.get_cached_blocks(hashes) == [] and cache.get_stats()["pending_blocks"] == 0
     cache.reset()
     assert cache.get_stats()["num_cached_blocks"] == 0
 
@@ -148,6 +152,10 @@ def test_pin_unpin_reset_and_uncached_free(cache: PrefixCacheManager) -> None:
 def test_commit_makes_blocks_shareable_before_the_request_ends(cache: PrefixCacheManager) -> None:
     hashes = cache.compute_block_hashes(list(range(8)))
     mine = cache.allocate_blocks(hashes)
+    with pytest.raises(BlockNotComplete):
+        cache.commit_blocks([b.block_id for b in mine])  # nothing written yet
+    for b in mine:
+        b.layer_view(0, 0).fill_(2.0)
     committed = cache.commit_blocks([b.block_id for b in mine])
     other = cache.get_cached_blocks(hashes)
     assert [b.block_id for b in other] == [b.block_id for b in committed]

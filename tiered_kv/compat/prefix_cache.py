@@ -281,6 +281,10 @@ class PrefixCacheManager:
         """Cache allocated blocks now (their data is written), keeping the reference; returns them.
 
         A hash another request cached meanwhile keeps that block: the reference moves to it (its id is returned).
+
+        Raises:
+            BlockNotComplete: a block's data was never written (nothing is committed then).
+            InvalidBlockError: an id is not an allocated block awaiting its data.
         """
         ids = list(block_ids)
         with self._lock:
@@ -302,22 +306,24 @@ class PrefixCacheManager:
 
     # -------------------------------------------------------------------------------------------- references
     def free_blocks(self, block_ids: Sequence[int], cache: bool = True) -> None:
-        """Drop one reference per id. Allocated blocks become cached first (``cache=False``: just freed).
+        """Drop one reference per id. Allocated blocks whose data was written become cached first; unwritten ones
+        (an aborted request) and, with ``cache=False``, all of them are just freed.
 
         Raises:
             InvalidBlockError: an id holds no reference here.
         """
         ids = list(block_ids)
         with self._lock:
-            fill = [bid for bid in dict.fromkeys(ids) if bid in self._pending]
-        if fill and cache:
+            pending = [bid for bid in dict.fromkeys(ids) if bid in self._pending]
+        # Only blocks whose data was written can be cached (BlockNotComplete otherwise): the rest are just freed.
+        fill = [bid for bid in pending if cache and getattr(self._table.handle(bid), "written", False)]
+        if fill:
             # A hash cached meanwhile by another request moved the reference to that block: follow it.
             moved = {old: new.block_id for old, new in zip(fill, self.commit_blocks(fill))}
             ids = [moved.get(bid, bid) for bid in ids]
-        elif fill:
-            with self._lock:
-                for bid in fill:
-                    self._pending.pop(bid, None)
+        with self._lock:
+            for bid in pending:
+                self._pending.pop(bid, None)
         self.pool.release_blocks(self._table.pop(ids))
 
     def pin_block(self, block_id: int) -> None:
