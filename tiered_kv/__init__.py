@@ -24,6 +24,7 @@ from .errors import (
 from .hashing import SequenceHash, compute_cache_keys, compute_prefix_match, compute_sequence_hashes
 from .manager import KvBlockManager, UnclosedManagerWarning
 from .metrics import EvictionEvent
+from .peers import BlockDescriptor
 from .policies import ARCPolicy, EvictionPolicy, LRUPolicy, register_eviction_policy
 from .pool import BlockPool, BlockState
 
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCPolicy",
+    "BlockDescriptor",
     "BlockNotComplete",
     "BlockPool",
     "BlockPoolError",

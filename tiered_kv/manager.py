@@ -43,6 +43,8 @@ from .storage.memory import TensorArena
 from .transfer import TransferStreams, copy_between
 
 if TYPE_CHECKING:
+    from .offload import SnapshotBlock
+    from .peers import BlockDescriptor
     from .remote import RemotePoolView, RemoteTier
 
 __all__ = ["KvBlockManager", "UnclosedManagerWarning"]
@@ -724,6 +726,50 @@ class KvBlockManager:
     @property
     def _closed(self) -> bool:
         return self._shutdown_flag.is_set()
+
+    # ------------------------------------------------------------------------- remote block access (seed 004)
+    def export_block_descriptors(self, blocks: Sequence[ImmutableBlock | bytes]) -> list[BlockDescriptor]:
+        """Publish blocks this manager holds to the remote tier now and describe them for peers.
+
+        Args:
+            blocks: held handles, or hashes registered in any local tier.
+
+        Returns:
+            One :class:`~tiered_kv.peers.BlockDescriptor` per block (``BlockDescriptor.pack_many`` to send them).
+
+        Raises:
+            ConfigError: no remote tier. InvalidBlockError: a block no local tier holds.
+            BlockPoolError: the remote tier did not take every block.
+        """
+        from .peers import publish_blocks
+
+        self._check_open()
+        return publish_blocks(self, blocks)
+
+    def get_remote_blocks_immutable(self, block_descriptors: Sequence[BlockDescriptor]) -> list[SnapshotBlock]:
+        """Read-only handles of peers' published blocks, fetched and verified from the remote tier; all or nothing.
+
+        The handles hold the bytes (``layer_view`` returns copies) and take no local slot.
+
+        Raises:
+            ConfigError: no remote tier. LayoutMismatchError: a descriptor of another model or namespace.
+            InvalidBlockError: a block the remote tier does not hold (nothing is returned).
+        """
+        from .peers import remote_blocks_immutable
+
+        self._check_open()
+        return remote_blocks_immutable(self, block_descriptors)
+
+    def get_remote_blocks_mutable(self, block_descriptors: Sequence[BlockDescriptor]) -> list[MutableBlock]:
+        """Peers' published blocks copied into new blocks of the top tier (to modify, then register); all or nothing.
+
+        Raises:
+            As :meth:`get_remote_blocks_immutable`, and NotEnoughBlocksAvailable when the top tier lacks room.
+        """
+        from .peers import remote_blocks_mutable
+
+        self._check_open()
+        return remote_blocks_mutable(self, block_descriptors)
 
 
 class UnclosedManagerWarning(ResourceWarning):
