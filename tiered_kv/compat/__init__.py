@@ -5,13 +5,15 @@ so a seed user gets the device / host / disk tiers underneath:
 
 * :mod:`.block_pool` — seed 000 (BlockPoolManager): ``BlockPool``, ``BlockPoolConfig``, ``KVCacheMetricsCollector``,
   ``ARCPolicy``, ``compute_block_hash``.
-* :mod:`.eviction` — seed 001 (Block Pool guide): ``EvictionMode``, ``should_evict`` predicate policies.
+* :mod:`.eviction` — seed 001 (Block Pool guide): ``EvictionMode``, ``should_evict`` predicate policies,
+  ``BlockNotComplete``.
 * :mod:`.prefix_cache` — seed 002 (PrefixCacheManager): ``PrefixCacheManager``, ``HashAlgorithm``, ``BlockHash``,
   ``hash_block_tokens``, ``init_none_hash``, ``get_hash_function``.
 * :mod:`.kv_cache` — seed 003 (KVCacheManager): ``KVCacheManager``, ``KVCacheConfig``, ``KVCacheBlocks``,
   ``KVCacheTransfer``, ``DeviceType``, ``DType``, ``create_kv_cache_manager``.
 
-Seed 004 (KvBlockManager) is the engine's own API (:class:`tiered_kv.KvBlockManager`).
+Seed 004 (KvBlockManager) is the engine's own API (:class:`tiered_kv.KvBlockManager`), including
+``get_remote_blocks_immutable`` / ``get_remote_blocks_mutable`` (:mod:`tiered_kv.peers`) and cancellation on drop.
 """
 
 from .block_pool import (
@@ -24,7 +26,14 @@ from .block_pool import (
     KVCacheMetricsCollector,
     compute_block_hash,
 )
-from .eviction import BlockMetadata, EvictionMode, PredicatePolicy, predicate_policy, register_eviction_policy
+from .eviction import (
+    BlockMetadata,
+    BlockNotComplete,
+    EvictionMode,
+    PredicatePolicy,
+    predicate_policy,
+    register_eviction_policy,
+)
 from .kv_cache import (
     DeviceType,
     DType,
@@ -51,6 +60,7 @@ __all__ = [
     "Block",
     "BlockHash",
     "BlockMetadata",
+    "BlockNotComplete",
     "BlockPool",
     "BlockPoolConfig",
     "BlockState",
