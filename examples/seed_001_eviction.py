@@ -44,7 +44,10 @@ def main() -> None:
             mode = EvictionMode.AGGRESSIVE if occupied > 0.9 else EvictionMode.NORMAL
             print(f"occupancy {occupied:.0%}: {mode.value} eviction freed {device.trigger_eviction(mode)} more")
         bm.flush()
-        print(f"demoted to the host tier: {len(bm.host() or [])} blocks")  # type: ignore[arg-type]
+        host = bm.host()
+        assert host is not None
+        evicted = [h for h in hashes if h not in device]
+        print(f"{len(evicted)} evicted blocks all demoted to the host tier: {all(h in host for h in evicted)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ EXPECTED = {
     "seed_000_block_pool.py": ["data intact: True", "pinned one stays"],
     "seed_001_eviction.py": [
         "low-priority block True, LRU block True, others kept True",
-        "demoted to the host tier: 2",
+        "2 evicted blocks all demoted to the host tier: True",
     ],
     "seed_002_prefix_cache.py": ["6 requests: 20 blocks reused, 16 computed"],
     "seed_003_kv_cache.py": ["room for 200 more tokens: False", "swapped 6 blocks out and back in"],
