@@ -125,3 +125,17 @@ def test_str_enums_are_accepted_where_strings_are() -> None:
     with KvBlockManager(cfg) as bm:
         assert bm.trigger_eviction(EvictionMode.NORMAL, tier="host") == 0
         assert len(bm.export_local_blockset()) > 0  # msgpack takes the normalised strings
+
+
+def test_residency_and_arc_reach_prometheus() -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tiered_kv.prometheus import register_collector
+
+    with KvBlockManager(config()) as bm:
+        store(bm, hashes(4))
+        store(bm, hashes(6)[4:] + hashes(2, seed=9))  # 4 more: the first 4 are evicted from the device
+        text = generate_latest(register_collector(bm, CollectorRegistry())).decode()
+        assert 'tiered_kv_tier_residency_seconds{stat="max",tier="device"}' in text
+        assert 'tiered_kv_tier_arc{list="t1",tier="device"} 4.0' in text
