@@ -172,3 +172,10 @@ def test_facade_on_an_existing_manager_leaves_it_open(two_tier: KvBlockManager) 
     assert not two_tier.closed
     assert two_tier.device().available_blocks() == 4  # type: ignore[union-attr]  # closing released them
     assert len(ids) == 2
+
+
+def test_config_seed_fields_may_be_positional() -> None:
+    cfg = BlockPoolConfig(8, 16, "lru")
+    assert (cfg.num_blocks, cfg.block_size, cfg.eviction) == (8, 16, "lru")
+    with BlockPool(BlockPoolConfig(2, 4, device_type="cpu")) as pool:
+        assert len(pool.get_new_blocks(2)) == 2

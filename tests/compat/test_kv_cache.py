@@ -119,3 +119,10 @@ def test_kv_cache_manager_takes_an_engine_config() -> None:
                                device=LayoutConfig(num_blocks=2), device_type=DeviceType.CPU)
     with KVCacheManager(cfg) as m:
         assert m.kv_config is None and m.allocate("x", 4).num_blocks() == 2
+
+
+def test_seed_fields_may_be_positional() -> None:
+    cfg = KVCacheConfig(2, 1, 4, 4, 8, 2, DType.FLOAT32, DeviceType.CPU)
+    assert (cfg.num_gpu_blocks, cfg.num_cpu_blocks, cfg.dtype, cfg.device) == (8, 2, "float32", "cpu")
+    with pytest.raises(TypeError):
+        KVCacheConfig(2, 1, 4, 4, 8, 2, "float32", "cpu", {})  # type: ignore[misc]  # engine options by keyword

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from ..config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, _positive_int
@@ -67,9 +67,10 @@ def compute_block_hash(content: bytes, algorithm: str | HashAlgorithm = HashAlgo
     return hashlib.sha256(bytes(content)).digest()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class BlockPoolConfig:
-    """Seed 000's pool configuration, with the engine's tiers below it.
+    """Seed 000's pool configuration, with the engine's tiers below it (``BlockPoolConfig(64, 16)`` works as in
+    the seed; the engine's additions are keyword-only).
 
     Args:
         num_blocks: blocks of the top (device) tier; block ids are in ``[0, num_blocks)``.
@@ -86,6 +87,7 @@ class BlockPoolConfig:
     num_blocks: int
     block_size: int
     eviction: str = "arc"
+    _: KW_ONLY  # the seed's fields may be positional; the engine's additions are keyword-only
     num_layers: int = 1
     inner_dim: int = 64
     dtype: str | DType = "float16"

@@ -16,7 +16,7 @@ tier. A block's layers share one slot, so the block table is the same for every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any
 
 from ..blocks import ImmutableBlock, MutableBlock
@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class KVCacheConfig:
-    """Seed 003's configuration: the model's KV geometry and the device (GPU) and host (CPU) block counts.
+    """Seed 003's configuration: the model's KV geometry and the device (GPU) and host (CPU) block counts (the
+    seed's fields in the seed's order, positional or by keyword).
 
     ``dtype`` and ``device`` take the :class:`DType` / :class:`DeviceType` members or their strings; ``device`` is
     CUDA by default as in the seed (a ConfigError when CUDA is unavailable; ``DeviceType.AUTO`` picks CUDA when
@@ -54,6 +55,7 @@ class KVCacheConfig:
     num_cpu_blocks: int = 0
     dtype: str | DType = DType.FLOAT16
     device: str | DeviceType = DeviceType.CUDA
+    _: KW_ONLY  # the seed's fields may be positional; the engine's additions are keyword-only
     manager_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
