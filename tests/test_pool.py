@@ -11,6 +11,7 @@ import torch
 from kvdata import SMALL, block_data, content_for, fill, hashes
 
 from tiered_kv import (
+    BlockNotComplete,
     BlockState,
     InvalidBlockError,
     ModelConfig,
@@ -203,6 +204,11 @@ def test_register_misuse() -> None:
         pool.register_blocks([blocks[0], blocks[0]], hs)
     with pytest.raises(InvalidBlockError, match="pool"):
         other.register_blocks(blocks, hs)
+    with pytest.raises(BlockNotComplete, match=r"blocks\[0\]: device:\d was never written"):
+        pool.register_blocks(blocks, hs)  # seed 001: nothing was written into them yet
+    assert len(pool) == 0
+    for b in blocks:
+        b.write(0, 0, torch.zeros(SMALL.page_size, SMALL.inner_dim, dtype=SMALL.torch_dtype))
     imm = pool.register_blocks(blocks, hs)
     with pytest.raises(InvalidBlockError, match="released or registered"):
         pool.register_blocks(blocks, hs)  # consumed handles

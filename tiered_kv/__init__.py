@@ -5,8 +5,11 @@ tokens, and move between tiers so that a returning prefix costs a copy instead o
 """
 
 from .blocks import ImmutableBlock, MutableBlock, UnreleasedBlockWarning
+from .compat.kv_cache import create_kv_cache_manager
 from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, RemoteConfig
+from .enums import DeviceType, DType, EvictionMode, HashAlgorithm
 from .errors import (
+    BlockNotComplete,
     BlockPoolError,
     ConfigError,
     CorruptBlockError,
@@ -19,8 +22,9 @@ from .errors import (
     TieredKvError,
 )
 from .hashing import SequenceHash, compute_cache_keys, compute_prefix_match, compute_sequence_hashes
-from .manager import KvBlockManager
+from .manager import KvBlockManager, UnclosedManagerWarning
 from .metrics import EvictionEvent
+from .peers import BlockDescriptor
 from .policies import ARCPolicy, EvictionPolicy, LRUPolicy, register_eviction_policy
 from .pool import BlockPool, BlockState
 
@@ -28,16 +32,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCPolicy",
+    "BlockDescriptor",
+    "BlockNotComplete",
     "BlockPool",
     "BlockPoolError",
     "BlockState",
     "ConfigError",
     "CorruptBlockError",
+    "DType",
+    "DeviceType",
     "DiskConfig",
     "DiskFullError",
     "DiskTierError",
     "EvictionEvent",
+    "EvictionMode",
     "EvictionPolicy",
+    "HashAlgorithm",
     "ImmutableBlock",
     "InvalidBlockError",
     "KvBlockManager",
@@ -52,10 +62,12 @@ __all__ = [
     "SequenceHash",
     "ShutdownError",
     "TieredKvError",
+    "UnclosedManagerWarning",
     "UnreleasedBlockWarning",
     "compute_cache_keys",
     "compute_prefix_match",
     "compute_sequence_hashes",
+    "create_kv_cache_manager",
     "register_eviction_policy",
     "__version__",
 ]

@@ -82,19 +82,31 @@ class _Block:
 
 
 class MutableBlock(_Block):
-    """A freshly allocated block to be filled with KV data and then registered."""
+    """A freshly allocated block to be filled with KV data and then registered.
 
-    __slots__ = ()
+    Registering a block whose data was never written raises :class:`~tiered_kv.errors.BlockNotComplete`
+    (seed 001). Taking a writable :meth:`layer_view`, :meth:`write`, ``pool.scatter`` and copies into the block
+    (``copy_blocks``, promotion, demotion) count as writing it.
+    """
+
+    __slots__ = ("_written",)
 
     def __init__(self, pool: BlockPool, block_id: int, gen: int) -> None:
         self._pool = pool
         self.block_id = block_id
         self._gen = gen
         self._released = False
+        self._written = False
+
+    @property
+    def written(self) -> bool:
+        """Whether the block's data has been written (or a writable view of it handed out)."""
+        return self._written
 
     def layer_view(self, layer: int, outer: int) -> torch.Tensor:
         """Writable ``[page_size, inner_dim]`` tensor of one layer's K (outer=0) or V (outer=1)."""
         self._check(layer, outer)
+        self._written = True  # a writable view is taken to be written through
         return self._pool.storage.mutable_view(self.block_id, layer, outer)
 
     def write(self, layer: int, outer: int, data: torch.Tensor) -> None:
@@ -110,6 +122,7 @@ class MutableBlock(_Block):
             got = (tuple(data.shape), data.dtype) if isinstance(data, torch.Tensor) else type(data).__name__
             raise ValueError(f"data: expected a tensor of shape {shape} and dtype {model.torch_dtype}, got {got}")
         self._pool.storage.mutable_view(self.block_id, layer, outer).copy_(data)
+        self._written = True
 
     def __repr__(self) -> str:
         state = "released" if self._released else "mutable"

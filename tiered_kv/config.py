@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .enums import plain
 from .errors import ConfigError
 
 __all__ = [
@@ -69,6 +70,7 @@ class ModelConfig:
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", plain(self.dtype))  # a DType member is stored as its plain string
         for name in ("num_layers", "inner_dim", "page_size", "outer_dim"):
             _positive_int(name, getattr(self, name))
         _choice("dtype", self.dtype, list(DTYPES))
@@ -188,7 +190,11 @@ class RemoteConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class KvBlockManagerConfig:
-    """Configuration of a :class:`~tiered_kv.manager.KvBlockManager`; at least one tier must be given."""
+    """Configuration of a :class:`~tiered_kv.manager.KvBlockManager`; at least one tier must be given.
+
+    ``worker_id`` names this manager in exported blocksets (seed 004's runtime ``worker_id``); None gives
+    ``host:pid:id``, unique per manager object.
+    """
 
     model: ModelConfig
     device: LayoutConfig | None = None
@@ -199,9 +205,14 @@ class KvBlockManagerConfig:
     namespace: str = "default"
     device_type: str = "auto"
     remote: RemoteConfig | None = None
+    worker_id: str | int | None = None
 
     def __post_init__(self) -> None:
         from .policies import available_policies
+
+        # Enum members (HashAlgorithm, DeviceType, ...) are stored as their plain strings.
+        for name in ("eviction", "hash_algorithm", "device_type"):
+            object.__setattr__(self, name, plain(getattr(self, name)))
 
         if not isinstance(self.model, ModelConfig):
             raise ConfigError("model", self.model, "must be a ModelConfig")
@@ -222,6 +233,9 @@ class KvBlockManagerConfig:
         _choice("device_type", self.device_type, DEVICE_TYPES)
         if self.device_type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device_type", self.device_type, "CUDA is not available in this process")
+        w = self.worker_id
+        if w is not None and not ((isinstance(w, str) and w) or (type(w) is int and w >= 0)):
+            raise ConfigError("worker_id", w, "must be None, a non-empty str or a non-negative int")
 
     @property
     def resolved_device_type(self) -> str:

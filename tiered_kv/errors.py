@@ -7,6 +7,7 @@ Every error the library raises on purpose derives from :class:`TieredKvError`::
     ├── BlockPoolError                    misuse of a pool or a block
     │   ├── NotEnoughBlocksAvailable      allocation could not be satisfied (.requested, .available)
     │   └── InvalidBlockError             released/foreign/wrong-state block, bad hash, policy misbehaviour
+    │       └── BlockNotComplete          registering a block whose data was never written (seed 001)
     ├── DiskTierError                     anything the disk tier could not do (OS and LMDB errors end here)
     │   ├── LayoutMismatchError           existing tier written for another model/hash/namespace
     │   ├── CorruptBlockError             block bytes failed their checksum
@@ -25,6 +26,7 @@ __all__ = [
     "BlockPoolError",
     "NotEnoughBlocksAvailable",
     "InvalidBlockError",
+    "BlockNotComplete",
     "DiskTierError",
     "LayoutMismatchError",
     "CorruptBlockError",
@@ -72,6 +74,10 @@ class NotEnoughBlocksAvailable(BlockPoolError):
 
 class InvalidBlockError(BlockPoolError):
     """A block handle cannot be used for this operation (released, wrong pool, wrong state)."""
+
+
+class BlockNotComplete(InvalidBlockError):
+    """A mutable block was registered before anything was written into it; nothing was registered."""
 
 
 class DiskTierError(TieredKvError):

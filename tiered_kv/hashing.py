@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import numpy as np
 import xxhash
 
+from .enums import plain
+
 if TYPE_CHECKING:
     import numpy.typing as npt
     import torch
@@ -187,7 +189,7 @@ def hash_length(algorithm: str) -> int:
         ValueError: the algorithm is unknown.
     """
     try:
-        return _DIGEST_SIZES[algorithm]
+        return _DIGEST_SIZES[plain(algorithm)]
     except (KeyError, TypeError):
         raise ValueError(
             f"algorithm: unknown hash algorithm {algorithm!r} (expected one of {', '.join(map(repr, _DIGEST_SIZES))})"
@@ -224,6 +226,7 @@ def compute_sequence_hashes(
     Raises:
         ValueError: any argument is malformed; the message names it (and the index of a bad element).
     """
+    algorithm = plain(algorithm)  # a HashAlgorithm member hashes like its string
     hash_length(algorithm)
     _check_block_size(block_size)
     start = _start_hash(algorithm, namespace, salt, parent)
@@ -260,6 +263,7 @@ def compute_cache_keys(
         ValueError: a malformed argument, lengths that differ, or a duplicate request id; the message names
             the argument and index (``token_ids_list[2][7]: ...``).
     """
+    algorithm = plain(algorithm)
     hash_length(algorithm)
     _check_block_size(block_size)
     root = _start_hash(algorithm, namespace, salt, None)

@@ -15,6 +15,8 @@ import os
 import socket
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -41,9 +43,11 @@ from .storage.memory import TensorArena
 from .transfer import TransferStreams, copy_between
 
 if TYPE_CHECKING:
+    from .offload import SnapshotBlock
+    from .peers import BlockDescriptor
     from .remote import RemotePoolView, RemoteTier
 
-__all__ = ["KvBlockManager"]
+__all__ = ["KvBlockManager", "UnclosedManagerWarning"]
 
 log = logging.getLogger("tiered_kv")
 
@@ -77,7 +81,9 @@ class KvBlockManager:
         self.model = config.model
         self.device_type = config.resolved_device_type
         self._hash_length = hash_length(config.hash_algorithm)
-        self._closed = False
+        # Set by close() (or the drop finalizer); pools and workers see this flag, never the manager itself, so a
+        # manager dropped without close() can be collected (seed 004's CancelOnLastDrop).
+        self._shutdown_flag = threading.Event()
         self._close_lock = threading.Lock()
         self._streams = TransferStreams(self.device_type)
         self.events = EventBus()
@@ -131,12 +137,16 @@ class KvBlockManager:
                 self.events.close()
                 self._close_storages()
                 raise
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        wid = config.worker_id
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}" if wid is None else str(wid)
         self._peers: dict[str, dict[str, Any]] = {}
+        parts = (self.scheduler, self._pools, self.events, self._remote, self._shutdown_flag)
+        self._finalizer = weakref.finalize(self, _close_dropped, repr(self), *parts)
+        self._finalizer.atexit = False  # at interpreter exit, as before: daemon threads just end
 
     def _add_pool(self, tier: str, storage: Any, num_blocks: int) -> BlockPool:
         pool = BlockPool(tier, storage, create_policy(self.config.eviction, num_blocks), self._hash_length)
-        pool._closed = lambda: self._closed
+        pool._closed = self._shutdown_flag.is_set
         self._pools[tier] = pool
         return pool
 
@@ -614,19 +624,13 @@ class KvBlockManager:
         self.events.watch(pool, threshold, callback)
 
     def trigger_eviction(self, mode: str = "normal", tier: str | None = None) -> int:
-        """Evict inactive blocks now (victims are demoted as usual); returns how many were evicted.
+        """Evict inactive blocks of one tier (the top by default) now; victims are demoted as usual.
 
-        ``mode="normal"`` frees until a quarter of the tier is free; ``"aggressive"`` evicts every inactive block.
+        ``mode``: an :class:`~tiered_kv.enums.EvictionMode` or its string; see :meth:`BlockPool.trigger_eviction`.
+        Returns how many blocks were evicted.
         """
-        if mode not in ("normal", "aggressive"):
-            raise ValueError(f"mode must be 'normal' or 'aggressive', got {mode!r}")
         self._check_open()
-        pool = self._pool_named(tier)
-        if mode == "aggressive":
-            count = pool.total_blocks()
-        else:
-            count = max(0, pool.total_blocks() // 4 - pool.free_blocks())
-        return len(pool.evict_inactive(count))
+        return self._pool_named(tier).trigger_eviction(mode)
 
     def _pool_named(self, tier: str | None) -> BlockPool:
         if tier is None:
@@ -741,24 +745,11 @@ class KvBlockManager:
         with self._close_lock:
             if self._closed:
                 return
-            try:
-                self.scheduler.stop(timeout=10.0)
-                disk = self._pools.get("disk")
-                if disk is not None:
-                    disk.storage.flush()  # type: ignore[attr-defined]
-            finally:
-                self._closed = True
-                self.events.close()
-                if self._remote is not None:
-                    self._remote.close()
-                self._close_storages()
+            self._finalizer.detach()
+            _close_parts(self.scheduler, self._pools, self.events, self._remote, self._shutdown_flag)
 
     def _close_storages(self) -> None:
-        for pool in self._pools.values():
-            try:
-                pool.storage.close()
-            except Exception:
-                log.exception("closing the %s tier failed", pool.tier)
+        _close_storages(self._pools)
 
     def __enter__(self) -> KvBlockManager:
         return self
@@ -774,3 +765,96 @@ class KvBlockManager:
         tiers = ", ".join(f"{p.tier}={p.total_blocks()}" for p in self._order)
         return f"KvBlockManager({tiers}, device_type={self.device_type!r})"
 
+    @property
+    def _closed(self) -> bool:
+        return self._shutdown_flag.is_set()
+
+    # ------------------------------------------------------------------------- remote block access (seed 004)
+    def export_block_descriptors(self, blocks: Sequence[ImmutableBlock | bytes]) -> list[BlockDescriptor]:
+        """Publish blocks this manager holds to the remote tier now and describe them for peers.
+
+        Args:
+            blocks: held handles, or hashes registered in any local tier.
+
+        Returns:
+            One :class:`~tiered_kv.peers.BlockDescriptor` per block (``BlockDescriptor.pack_many`` to send them).
+
+        Raises:
+            ConfigError: no remote tier. InvalidBlockError: a block no local tier holds.
+            BlockPoolError: the remote tier did not take every block.
+        """
+        from .peers import publish_blocks
+
+        self._check_open()
+        return publish_blocks(self, blocks)
+
+    def get_remote_blocks_immutable(self, block_descriptors: Sequence[BlockDescriptor]) -> list[SnapshotBlock]:
+        """Read-only handles of peers' published blocks, fetched and verified from the remote tier; all or nothing.
+
+        The handles hold the bytes (``layer_view`` returns copies) and take no local slot.
+
+        Raises:
+            ConfigError: no remote tier. LayoutMismatchError: a descriptor of another model or namespace.
+            InvalidBlockError: a block the remote tier does not hold (nothing is returned).
+        """
+        from .peers import remote_blocks_immutable
+
+        self._check_open()
+        return remote_blocks_immutable(self, block_descriptors)
+
+    def get_remote_blocks_mutable(self, block_descriptors: Sequence[BlockDescriptor]) -> list[MutableBlock]:
+        """Peers' published blocks copied into new blocks of the top tier (to modify, then register); all or nothing.
+
+        Raises:
+            As :meth:`get_remote_blocks_immutable`, and NotEnoughBlocksAvailable when the top tier lacks room.
+        """
+        from .peers import remote_blocks_mutable
+
+        self._check_open()
+        return remote_blocks_mutable(self, block_descriptors)
+
+
+class UnclosedManagerWarning(ResourceWarning):
+    """A :class:`KvBlockManager` was garbage-collected without ``close()``; it was closed then."""
+
+
+def _close_parts(
+    scheduler: OffloadScheduler,
+    pools: dict[str, BlockPool],
+    events: EventBus,
+    remote: RemoteTier | None,
+    flag: threading.Event,
+) -> None:
+    """Flush, stop background work and close files: ``close()``'s work, shared with the drop finalizer."""
+    try:
+        scheduler.stop(timeout=10.0)
+        disk = pools.get("disk")
+        if disk is not None:
+            disk.storage.flush()  # type: ignore[attr-defined]
+    finally:
+        flag.set()  # from here on every call raises ShutdownError
+        events.close()
+        if remote is not None:
+            remote.close()
+        _close_storages(pools)
+
+
+def _close_storages(pools: dict[str, BlockPool]) -> None:
+    for pool in pools.values():
+        try:
+            pool.storage.close()
+        except Exception:
+            log.exception("closing the %s tier failed", pool.tier)
+
+
+def _close_dropped(description: str, *parts: Any) -> None:
+    """Finalizer of a manager dropped without ``close()``: warn, then close what it left running."""
+    warnings.warn(
+        f"{description} was garbage-collected without close(); closing it now", UnclosedManagerWarning, stacklevel=2
+    )
+    if threading.current_thread().name.startswith("tiered-kv"):
+        # The last reference went away on one of the manager's own threads (a prefetch job): a thread cannot join
+        # itself, so the shutdown runs on a thread of its own.
+        threading.Thread(target=_close_parts, args=parts, name="tiered-kv-close", daemon=True).start()
+    else:
+        _close_parts(*parts)

@@ -1,29 +1,59 @@
-"""Per-pool counters and eviction events (seed 000's KVCacheMetricsCollector)."""
+"""Per-pool counters, eviction events and residency times (seed 000's KVCacheMetricsCollector)."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["EvictionEvent", "PoolMetrics"]
 
+#: Horizon of the per-second eviction counters behind :meth:`PoolMetrics.eviction_rate`.
+RATE_HORIZON_S = 3600
+
 
 @dataclass(frozen=True, slots=True)
 class EvictionEvent:
-    """One block evicted from a pool."""
+    """One block evicted from a pool.
+
+    ``residency_s``: how long the block had been registered in this pool when it was evicted (for blocks found on
+    disk when the tier was opened, counted from the opening).
+    """
 
     tier: str
     sequence_hash: bytes
     block_id: int
     reason: str
     timestamp: float
+    residency_s: float = 0.0
 
 
 class PoolMetrics:
-    """Counters of one pool. Updated under the pool's lock; read without it (ints are atomic to read)."""
+    """Counters of one pool. Updated under the pool's lock; read without it (ints are atomic to read).
 
-    __slots__ = ("_events", "corrupt", "evictions", "hits", "misses", "orphans_refused", "tier")
+    Eviction rates come from per-second counters (exact to the second over the last hour, and exact for any window
+    that covers every eviction), not from the retained events, which are only the newest ``keep_events`` for
+    inspection.
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_created",
+        "_events",
+        "_first_eviction",
+        "_residencies",
+        "corrupt",
+        "evictions",
+        "hits",
+        "misses",
+        "orphans_refused",
+        "residency_count",
+        "residency_max_s",
+        "residency_total_s",
+        "stored_at",
+        "tier",
+    )
 
     def __init__(self, tier: str, keep_events: int = 1024) -> None:
         self.tier = tier
@@ -33,26 +63,93 @@ class PoolMetrics:
         self.corrupt = 0
         self.orphans_refused = 0  # registrations not cached because no tier held their parent
         # Plain tuples on the hot path; EvictionEvent objects are built only when someone asks for them.
-        self._events: deque[tuple[bytes, int, str, float]] = deque(maxlen=keep_events)
+        self._events: deque[tuple[bytes, int, str, float, float]] = deque(maxlen=keep_events)
+        # [monotonic second, evictions in it]: one entry per second that saw evictions, at most an hour of them.
+        self._buckets: deque[list[int]] = deque(maxlen=RATE_HORIZON_S)
+        self._first_eviction: float | None = None
+        self._created = time.monotonic()
+        # slot -> monotonic time its current block was registered (bounded by the pool's slot count).
+        self.stored_at: dict[int, float] = {}
+        self.residency_count = 0
+        self.residency_total_s = 0.0
+        self.residency_max_s = 0.0
+        self._residencies: deque[float] = deque(maxlen=keep_events)
+
+    def note_stored(self, slots: Iterable[int]) -> None:
+        """Remember when blocks were registered in ``slots`` (the start of their residency)."""
+        now = time.monotonic()
+        stored_at = self.stored_at
+        for slot in slots:
+            stored_at[slot] = now
 
     def record_evictions(self, victims: list[tuple[bytes, int]], reason: str) -> None:
-        """Count evicted ``(hash, slot)`` pairs and keep them as recent events."""
+        """Count evicted ``(hash, slot)`` pairs, their residency, and keep them as recent events."""
+        if not victims:
+            return
         now = time.time()
-        self.evictions += len(victims)
-        self._events.extend([(h, slot, reason, now) for h, slot in victims])
+        mono = time.monotonic()
+        pop, created = self.stored_at.pop, self._created
+        res = [mono - pop(slot, created) for _, slot in victims]
+        self._count(len(victims), mono)
+        self.residency_count += len(res)
+        self.residency_total_s += sum(res)
+        self.residency_max_s = max(self.residency_max_s, max(res))
+        self._residencies.extend(res)
+        self._events.extend([(h, slot, reason, now, r) for (h, slot), r in zip(victims, res)])
+
+    def record_event(self, event: EvictionEvent) -> None:
+        """Count an eviction reported from outside the pool (seed 000's ``record_eviction``) and keep it."""
+        self._count(1, time.monotonic())
+        self._events.append((event.sequence_hash, event.block_id, event.reason, event.timestamp, event.residency_s))
+
+    def _count(self, n: int, mono: float) -> None:
+        self.evictions += n
+        if self._first_eviction is None:
+            self._first_eviction = mono
+        sec = int(mono)
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == sec:
+            buckets[-1][1] += n
+        else:
+            buckets.append([sec, n])
 
     def recent_evictions(self, limit: int = 100) -> list[EvictionEvent]:
         """The newest ``limit`` eviction events, newest last."""
         events = list(self._events)[-limit:] if limit > 0 else []
-        return [EvictionEvent(self.tier, h, slot, reason, ts) for h, slot, reason, ts in events]
+        return [EvictionEvent(self.tier, h, slot, reason, ts, r) for h, slot, reason, ts, r in events]
 
     def eviction_rate(self, window_seconds: float = 60.0) -> float:
-        """Evictions per second over the last ``window_seconds`` (from the retained events)."""
-        if window_seconds <= 0:
-            raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
-        cutoff = time.time() - window_seconds
-        n = sum(1 for e in list(self._events) if e[3] >= cutoff)
-        return n / window_seconds
+        """Evictions per second over the last ``window_seconds``, from the per-second counters.
+
+        A second that straddles the window's start counts whole, so short windows may read slightly high.
+        """
+        if isinstance(window_seconds, bool) or not isinstance(window_seconds, (int, float)) or window_seconds <= 0:
+            raise ValueError(f"window_seconds must be > 0, got {window_seconds!r}")
+        first = self._first_eviction
+        if first is None:
+            return 0.0
+        now = time.monotonic()
+        cutoff = now - window_seconds
+        if first >= cutoff:
+            return self.evictions / window_seconds
+        total = 0
+        for sec, n in reversed(list(self._buckets)):  # list(): one C-level copy, safe against a concurrent append
+            if sec + 1 <= cutoff:
+                break
+            total += n
+        return total / window_seconds
+
+    def residency(self) -> dict[str, float | int]:
+        """How long evicted blocks had stayed in this pool: count, mean, max, and median / p99 of the newest."""
+        n = self.residency_count
+        recent = sorted(self._residencies)
+        return {
+            "count": n,
+            "mean_s": self.residency_total_s / n if n else 0.0,
+            "max_s": self.residency_max_s,
+            "p50_s": recent[len(recent) // 2] if recent else 0.0,
+            "p99_s": recent[min(len(recent) - 1, (99 * len(recent)) // 100)] if recent else 0.0,
+        }
 
     @property
     def hit_rate(self) -> float:

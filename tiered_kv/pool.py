@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .blocks import ImmutableBlock, MutableBlock, _Block
-from .errors import BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
+from .enums import plain
+from .errors import BlockNotComplete, BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
 from .tokens import encode_tokens
@@ -51,11 +52,15 @@ _DOOMED = 3  # dropped from the index while still referenced; freed at the last 
 
 
 class BlockState(IntEnum):
-    """Priority of a slot when room is needed (seed 000): higher values are kept longer."""
+    """State of a slot, in seed 000's priority order: PINNED > CACHED > ALLOCATED > FREE.
+
+    Of the states that hold data, only CACHED blocks (registered, inactive) are ever evicted; ALLOCATED and PINNED
+    blocks stay until released or unpinned.
+    """
 
     FREE = 0
-    CACHED = 1  # registered and inactive: evictable
-    ALLOCATED = 2  # mutable, or registered and referenced
+    ALLOCATED = 1  # mutable, or registered and referenced
+    CACHED = 2  # registered and inactive: evictable
     PINNED = 3  # never evicted
 
 
@@ -174,6 +179,8 @@ class BlockPool:
             registered = len(self._by_hash)
             pinned = sum(1 for p in self._pins if p)
             mutable = sum(1 for s in self._state if s == _MUTABLE)
+            get_stats = getattr(self.policy, "get_stats", None)
+            policy_stats = get_stats() if callable(get_stats) else None
         m = self.metrics
         return {
             "total_blocks": self._n,
@@ -191,6 +198,8 @@ class BlockPool:
             "evictions": m.evictions,
             "eviction_rate": m.eviction_rate(60.0),
             "corrupt_blocks": m.corrupt,
+            "residency": m.residency(),
+            **({"policy": policy_stats} if policy_stats is not None else {}),
         }
 
     # ---------------------------------------------------------------------------------------------- allocation
@@ -459,11 +468,13 @@ class BlockPool:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
+                self._check_written(blocks)
                 return self._register_locked(blocks, hashes, toks, pars)
         with self._register_lock:
             with self._lock:
                 self._validate_mutable(blocks)
                 self._check_collisions(hashes, toks)
+                self._check_written(blocks)
                 new: list[tuple[int, bytes, bytes | None, bytes | None]] = []
                 seen: set[bytes] = set()
                 orphans = self._orphans_locked(hashes, pars)
@@ -602,6 +613,14 @@ class BlockPool:
                 raise InvalidBlockError(f"blocks[{i}]: {self.tier}:{slot} appears twice")
             seen.add(slot)
 
+    def _check_written(self, blocks: list[MutableBlock]) -> None:
+        for i, b in enumerate(blocks):
+            if not b._written:
+                raise BlockNotComplete(
+                    f"blocks[{i}]: {self.tier}:{b.block_id} was never written (layer_view, write, scatter or a copy); "
+                    "nothing was registered"
+                )
+
     def _register_locked(
         self,
         blocks: list[MutableBlock],
@@ -673,6 +692,7 @@ class BlockPool:
                         and p not in by_hash and not present(p)}
                 if gone:
                     self._on_removed(list(gone))
+            self.metrics.note_stored([by_hash[h] for h in stored])
             if self._on_stored is not None:
                 self._on_stored([(h, by_hash[h]) for h in stored])
             if self._written_log is not None and self._log_seq is not None:
@@ -950,6 +970,8 @@ class BlockPool:
         released; ``borrow=False`` copies each once into aligned staging."""
         self._check_mutable(blocks)
         self.storage.stage_views([b.block_id for b in blocks], views, borrow=borrow)
+        for b in blocks:
+            b._written = True
 
     def _check_handles(self, blocks: Sequence[_Block]) -> None:
         for i, b in enumerate(blocks):
@@ -965,6 +987,8 @@ class BlockPool:
         """Fill many mutable blocks from ``data`` (``[n, layers, outer, page, inner]``) in one call."""
         self._check_mutable(blocks)
         self.storage.scatter([b.block_id for b in blocks], data)
+        for b in blocks:
+            b._written = True
 
     # ------------------------------------------------------------------------------------------------- removal
     def invalidate(self, sequence_hashes: Sequence[bytes], corrupt: bool = False) -> int:
@@ -1100,7 +1124,7 @@ class BlockPool:
         out = list(hashes)
         for i, h in enumerate(out):
             if type(h) is not bytes:
-                if isinstance(h, (bytearray, memoryview)):
+                if isinstance(h, (bytes, bytearray, memoryview)):  # bytes subclasses too (BlockHash)
                     h = out[i] = bytes(h)
                 elif not isinstance(h, bytes):  # a SequenceHash passes as it is (it carries .parent)
                     raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
@@ -1116,3 +1140,33 @@ class BlockPool:
 
     def __repr__(self) -> str:
         return f"BlockPool({self.tier}, {self._n} blocks, {len(self._by_hash)} cached)"
+
+    def trigger_eviction(self, mode: str = "normal") -> int:
+        """Evict inactive blocks now (the manager demotes them as usual); returns how many were evicted.
+
+        Args:
+            mode: ``EvictionMode.NORMAL`` / ``"normal"`` frees inactive blocks until a quarter of the pool is free;
+                ``EvictionMode.AGGRESSIVE`` / ``"aggressive"`` evicts every inactive block.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        mode = plain(mode)
+        if mode not in ("normal", "aggressive"):
+            raise ValueError(f"mode must be EvictionMode.NORMAL/'normal' or EvictionMode.AGGRESSIVE/'aggressive', "
+                             f"got {mode!r}")
+        self._check_open()
+        if mode == "aggressive":
+            count = self._n
+        else:
+            with self._lock:
+                count = max(0, self._n // 4 - len(self._free))
+        return len(self.evict_inactive(count))
+
+    def hash_of(self, block_id: int) -> bytes | None:
+        """The sequence hash a slot is registered under, or None (free, mutable, or dropped from the index)."""
+        if not 0 <= block_id < self._n:
+            raise IndexError(f"block_id must be in [0, {self._n}), got {block_id}")
+        with self._lock:
+            h = self._slot_hash[block_id]
+            return h if h is not None and self._by_hash.get(h) == block_id else None

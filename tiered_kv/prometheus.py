@@ -51,6 +51,20 @@ class TieredKvCollector(Collector):
                 if name in m[t]:
                     g.add_metric([t], float(m[t][name]))
             yield g
+        # How long evicted blocks had stayed in each tier, and the ARC directory of tiers that use ARC.
+        res = GaugeMetricFamily(f"{p}_tier_residency_seconds", "residency of evicted blocks per tier",
+                                labels=["tier", "stat"])
+        arc = GaugeMetricFamily(f"{p}_tier_arc", "ARC list sizes (t1, t2, b1, b2) and target p per tier",
+                                labels=["tier", "list"])
+        for t in tiers:
+            for stat in ("mean_s", "max_s", "p50_s", "p99_s"):
+                if stat in m[t].get("residency", {}):
+                    res.add_metric([t, stat[:-2]], float(m[t]["residency"][stat]))
+            for name in ("t1", "t2", "b1", "b2", "p"):
+                if name in m[t].get("policy", {}):
+                    arc.add_metric([t, name], float(m[t]["policy"][name]))
+        yield res
+        yield arc
         off = m["offload"]
         for name in _OFFLOAD_COUNTERS:
             yield CounterMetricFamily(f"{p}_offload_{name}", f"offload {name}", value=float(off.get(name, 0)))

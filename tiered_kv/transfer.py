@@ -78,6 +78,7 @@ def copy_between(
     for i, b in enumerate(dst):
         if type(b) is not MutableBlock or b.released or b.pool is not dst_pool:
             raise InvalidBlockError(f"dst[{i}]: {b!r} is not a live MutableBlock of the {dst_pool.tier} pool")
+        b._written = True  # what scatter records on the gather/scatter path
     for i, sb in enumerate(src):
         if sb.released or (isinstance(src_pool, BlockPool) and sb.pool is not src_pool):
             raise InvalidBlockError(f"src[{i}]: {sb!r} is released or from another pool")
@@ -133,6 +134,8 @@ def _copy(
 
 def copy_slots(src: BlockStorage, slots: Sequence[int], dst_pool: BlockPool, dst: Sequence[MutableBlock]) -> None:
     """Copy victims' bytes (slots just evicted from ``src``, still intact under its pool's lock) into ``dst``."""
+    for b in dst:
+        b._written = True
     dst_store = dst_pool.storage
     if isinstance(src, TensorArena) and isinstance(dst_store, TensorArena):
         copy_arena_slots(src, slots, dst_store, [b.block_id for b in dst])

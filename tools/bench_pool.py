@@ -16,6 +16,8 @@ import random
 import time
 from collections import OrderedDict
 
+import torch
+
 from tiered_kv import ModelConfig, compute_sequence_hashes
 from tiered_kv.policies import create_policy
 from tiered_kv.pool import BlockPool
@@ -94,9 +96,12 @@ def bench_tiered(batches: list[list[bytes]], capacity: int, policy: str) -> floa
     model = ModelConfig(num_layers=1, inner_dim=1, page_size=4, dtype="float16")
     arena = TensorArena("host", model, capacity, "fully_contiguous", "cpu")
     pool = BlockPool("host", arena, create_policy(policy, capacity), 16)
+    # A block is registered once its KV is written (BlockNotComplete otherwise): one tiny scatter per batch.
+    data = torch.zeros((BATCH, *model.block_shape), dtype=model.torch_dtype)
     t0 = time.perf_counter()
     for hs in batches:
         blocks = pool.allocate_blocks(len(hs))
+        pool.scatter(blocks, data[: len(hs)])
         pool.release_blocks(pool.register_blocks(blocks, hs))
         pool.release_blocks(pool.match_sequence_hashes(hs))
     return time.perf_counter() - t0

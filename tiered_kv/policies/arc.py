@@ -34,15 +34,25 @@ _T2 = 2
 
 
 class ARCPolicy(EvictionPolicy):
-    """ARC over the cached entries of one pool of ``capacity`` blocks."""
+    """ARC over the cached entries of one pool of ``capacity`` blocks.
 
-    __slots__ = ("_b1", "_b2", "_held", "_held1", "_held2", "_t1", "_t2", "capacity", "p")
+    Args:
+        capacity: the pool's number of blocks (``c`` in the paper).
+        p_initial: the starting target size of T1 (the paper starts at 0); in ``[0, capacity]``. :meth:`clear`
+            returns ``p`` to it.
+    """
 
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"capacity must be > 0, got {capacity}")
+    __slots__ = ("_b1", "_b2", "_held", "_held1", "_held2", "_t1", "_t2", "capacity", "p", "p_initial")
+
+    def __init__(self, capacity: int, p_initial: float = 0.0) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"capacity must be an int > 0, got {capacity!r}")
+        if (isinstance(p_initial, bool) or not isinstance(p_initial, (int, float))
+                or not 0 <= p_initial <= capacity):
+            raise ValueError(f"p_initial must be a number in [0, capacity={capacity}], got {p_initial!r}")
         self.capacity = capacity
-        self.p = 0.0
+        self.p_initial = float(p_initial)
+        self.p = self.p_initial
         self._t1: OrderedDict[Hashable, None] = OrderedDict()
         self._t2: OrderedDict[Hashable, None] = OrderedDict()
         self._b1: OrderedDict[Hashable, None] = OrderedDict()
@@ -139,7 +149,7 @@ class ARCPolicy(EvictionPolicy):
         for d in (self._t1, self._t2, self._b1, self._b2, self._held):
             d.clear()
         self._held1 = self._held2 = 0
-        self.p = 0.0
+        self.p = self.p_initial
 
     def candidates(self, n: int) -> list[Hashable]:
         # The next n victims in the order evict() would take them: REPLACE takes T1's LRU end while |T1| > p,
@@ -246,6 +256,17 @@ class ARCPolicy(EvictionPolicy):
         return victim
 
     # --- inspection ---------------------------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, float | int]:
+        """Sizes of T1, T2 (held entries included), B1, B2, the adaptive target ``p`` and the capacity (seed 000)."""
+        return {
+            "t1": self.t1_size(),
+            "t2": self.t2_size(),
+            "b1": len(self._b1),
+            "b2": len(self._b2),
+            "p": self.p,
+            "capacity": self.capacity,
+        }
+
     def lists(self) -> dict[str, list[Hashable]]:
         """T1, T2 (evictable entries, LRU first), B1, B2 and held keys; for tests and debugging."""
         return {

@@ -86,15 +86,24 @@ def register_eviction_policy(name: str, factory: PolicyFactory) -> None:
 
     Args:
         name: the policy name; re-registering a name replaces its factory.
-        factory: ``factory(capacity) -> policy`` with the :class:`EvictionPolicy` interface.
+        factory: ``factory(capacity) -> policy`` with the :class:`EvictionPolicy` interface, or an object with a
+            ``should_evict(block) -> bool`` method (seed 001's policy trait), which becomes a
+            :class:`~tiered_kv.policies.predicate.PredicatePolicy` over that predicate.
 
     Raises:
-        ConfigError: the name is not a non-empty str or the factory is not callable.
+        ConfigError: the name is not a non-empty str or the factory is neither callable nor has ``should_evict``.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError("name", name, "must be a non-empty str")
+    should_evict = getattr(factory, "should_evict", None)
+    if not callable(factory) and callable(should_evict):
+        from .predicate import PredicatePolicy
+
+        factory = PredicatePolicy.factory(should_evict)
     if not callable(factory):
-        raise ConfigError("factory", factory, "must be callable as factory(capacity) -> policy")
+        raise ConfigError(
+            "factory", factory, "must be callable as factory(capacity) -> policy, or have a should_evict(block) method"
+        )
     with _REGISTRY_LOCK:
         _REGISTRY[name] = factory
 
