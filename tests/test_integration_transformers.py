@@ -296,7 +296,7 @@ def test_a_colliding_hash_with_other_tokens_is_a_miss_not_their_kv() -> None:
         # Nothing is stored: blocks 0..3 collide, and 4..5 would only be reachable through them.
         assert stats.stored_blocks == 0
         torch.testing.assert_close(out.logits[0], full_logits(model, ids), atol=1e-5, rtol=0)
-        seqs, gen = TieredPrefixCache(bm, model).generate(ids, max_new_tokens=3, do_sample=False)
+        _, gen = TieredPrefixCache(bm, model).generate(ids, max_new_tokens=3, do_sample=False)
         assert gen.matched_tokens == 0
 
 
