@@ -154,13 +154,18 @@ smollm2 = pytest.mark.skipif(
 
 @pytest.mark.slow
 @smollm2
-def test_real_model_logits_and_replies_identical_through_a_restart(tmp_path: Path) -> None:
+def test_real_model_logits_and_replies_identical_through_a_restart(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """SmolLM2-135M-Instruct through TieredPrefixCache: logits of a full prefill, same replies after a restart."""
     from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig
     from tiered_kv.cli.demo import load_chat_model
     from tiered_kv.integrations.transformers import TieredPrefixCache, model_config_for
 
-    chat = load_chat_model("smollm2", tmp_path / "models")
+    # The converted model is kept in pytest's cache between runs when there is one (conversion takes 15-40 s).
+    cache = getattr(request.config, "cache", None)
+    models = Path(cache.mkdir("tiered_kv_models")) if cache is not None else tmp_path / "models"
+    chat = load_chat_model("smollm2", models)
     model = chat.model
     convs = build_workload(DemoWorkloadSpec(users=1, turns=2, documents=("bisect",), doc_tokens=600), chat)
     messages = [{"role": "system", "content": convs[0].system}, {"role": "user", "content": convs[0].questions[0]}]
