@@ -431,20 +431,22 @@ def _spread(samples: Sequence[float]) -> dict[str, float] | None:
 def _tier_sizes(options: DemoOptions, longest_tokens: int, unique_tokens: int) -> tuple[int, int, int]:
     page = options.page_size
     longest = math.ceil(longest_tokens / page)
-    # The top tier must hold one whole prompt (a match is returned there), the host tier as much: together they
-    # hold less than the users' conversations, so blocks travel to disk and back. (A host tier smaller than the
-    # device tier made the cleaner copy device blocks to host over and over: issue 12.)
+    # The top tier must hold one whole prompt (a match is returned there), the host tier two: together they hold
+    # less than the users' conversations, so a user who returns after one other user finds its prefix in host
+    # memory, after more users on disk. (A host tier smaller than the device tier made the cleaner copy device
+    # blocks to host over and over: issue 12.)
     device = options.device_blocks or longest + 2
-    host = options.host_blocks or device
+    host = options.host_blocks or 2 * device
     disk = options.disk_blocks or 2 * math.ceil(unique_tokens / page) + 64
     return device, host, disk
 
 
 def _dominant(row: dict[str, Any]) -> str:
-    """Where most of a turn's prefix came from ("none" for a full miss)."""
+    """Where most of a turn's prefix came from; "miss" when less than half the prompt was restored."""
+    if 2 * row["matched_tokens"] < row["prompt_tokens"]:
+        return "miss"
     counts = {t: row[f"{t}_tokens"] for t in ("device", "host", "disk")}
-    best = max(counts, key=lambda t: counts[t])
-    return best if counts[best] else "none"
+    return max(counts, key=lambda t: counts[t])
 
 
 # -------------------------------------------------------------------------------------------------------- run
@@ -520,8 +522,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
             f"TTFT: {options.repeats} interleaved repeats per turn"
         )
         cache = TieredPrefixCache(bm, model)
-        with torch.inference_mode():  # warm the kernels up so that the first turn's timings are not skewed
-            model(torch.zeros((1, 2 * page), dtype=torch.long), logits_to_keep=1)
+        with torch.inference_mode():  # warm kernels, allocator and generate() up: the first turn is timed too
+            warm_ids = torch.zeros((1, 8 * page), dtype=torch.long)
+            model.generate(warm_ids, attention_mask=torch.ones_like(warm_ids), max_new_tokens=2, do_sample=False)
 
         def cached_ttft(tokens: list[int], blocks_wanted: int) -> tuple[float, torch.Tensor]:
             """TTFT of this turn as served, with its matched prefix now in the top tier: match, restore, suffix."""
@@ -687,7 +690,7 @@ def _summarize(
     identical = [r["reply_identical"] for r in rows if r["reply_identical"] is not None]
     # Per source of the prefix: the turns' median TTFTs and their ratio to recompute.
     by_source: dict[str, Any] = {}
-    for source in ("device", "host", "disk", "none"):
+    for source in ("device", "host", "disk", "miss"):
         sel = [r for r in rows if r["prefix_from"] == source and r["ttft_recompute"]]
         if not sel:
             continue
@@ -762,7 +765,7 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
         table.add_row("TTFT medians summed: recompute", _fmt_s(t["ttft_recompute_median_sum_s"]))
         table.add_row("speedup (sum of medians)", f"x{t['speedup']:.1f}")
         for source, s in t["speedup_by_source"].items():
-            label = "full miss" if source == "none" else f"prefix mostly from {source}"
+            label = "miss: < half restored" if source == "miss" else f"prefix mostly from {source}"
             if s["speedup_median"] is None:
                 continue
             lo, hi = s["speedup_range"]
@@ -798,12 +801,12 @@ def _plot(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> No
             med = [s["median"] for _, s in pts]
             err = [[s["median"] - s["min"] for _, s in pts], [s["max"] - s["median"] for _, s in pts]]
             ax1.errorbar([p for p, _ in pts], med, yerr=err, fmt=style, capsize=3, label=label)
-    colors = {"device": "tab:green", "host": "tab:orange", "disk": "tab:red", "none": "tab:gray"}
+    colors = {"device": "tab:green", "host": "tab:orange", "disk": "tab:red", "miss": "tab:gray"}
     for source, color in colors.items():
         pts = [(r["turn"], r["ttft_first_s"]) for r in rows if r["prefix_from"] == source]
         if pts:
             ax1.scatter([p for p, _ in pts], [v for _, v in pts], marker="x", color=color, zorder=3,
-                        label=f"first serve, prefix from {source}" if source != "none" else "first serve, full miss")
+                        label=f"first serve, prefix from {source}" if source != "miss" else "first serve, miss")
     ax1.set_yscale("log")
     ax1.set_ylabel("TTFT (s)")
     m = summary["model"]
@@ -855,7 +858,7 @@ def _pick(value: Any, default: Any) -> Any:
 @click.option("--reply-tokens", type=click.IntRange(min=1), default=None, help="Longest reply (new tokens).")
 @click.option("--page-size", type=click.IntRange(min=1), default=None)
 @click.option("--device-blocks", type=click.IntRange(min=0), default=0, help="0: one prompt's worth.")
-@click.option("--host-blocks", type=click.IntRange(min=0), default=0, help="0: as many as the device tier.")
+@click.option("--host-blocks", type=click.IntRange(min=0), default=0, help="0: twice the device tier.")
 @click.option("--disk-blocks", type=click.IntRange(min=0), default=0, help="0: twice the working set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Questions' order; the tiny model's weights.")
 def demo(
