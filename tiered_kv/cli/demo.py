@@ -771,7 +771,7 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
             lo, hi = s["speedup_range"]
             table.add_row(
                 f"  {label} ({s['turns']} turns)",
-                f"x{s['speedup_median']:.1f} (x{lo:.1f}-x{hi:.1f}); first serve x{s['speedup_first_median']:.1f}",
+                f"x{s['speedup_median']:.1f} (x{lo:.1f}-x{hi:.1f}), first x{s['speedup_first_median']:.1f}",
             )
     else:
         table.add_row("TTFT (first serve, sum)", _fmt_s(t["ttft_first_s"]))
@@ -794,14 +794,14 @@ def _plot(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> No
 
     x = [r["turn"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 2])
-    for key, label, style in (("ttft_cached", "tiered_kv (median, min-max)", "o-"),
-                              ("ttft_recompute", "recompute: full prefill (median, min-max)", "s--")):
+    colors = {"device": "tab:green", "host": "tab:orange", "disk": "tab:red", "miss": "tab:gray"}
+    for key, label, style, color in (("ttft_cached", "tiered_kv (median, min-max)", "o-", "tab:blue"),
+                                     ("ttft_recompute", "recompute: full prefill (median, min-max)", "s--", "black")):
         pts = [(r["turn"], r[key]) for r in rows if r[key]]
         if pts:
             med = [s["median"] for _, s in pts]
             err = [[s["median"] - s["min"] for _, s in pts], [s["max"] - s["median"] for _, s in pts]]
-            ax1.errorbar([p for p, _ in pts], med, yerr=err, fmt=style, capsize=3, label=label)
-    colors = {"device": "tab:green", "host": "tab:orange", "disk": "tab:red", "miss": "tab:gray"}
+            ax1.errorbar([p for p, _ in pts], med, yerr=err, fmt=style, color=color, capsize=3, label=label)
     for source, color in colors.items():
         pts = [(r["turn"], r["ttft_first_s"]) for r in rows if r["prefix_from"] == source]
         if pts:
@@ -814,10 +814,10 @@ def _plot(path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> No
     ax1.legend(fontsize="small")
     ax1.grid(True, which="both", alpha=0.3)
     bottom = [0] * len(rows)
-    for key, label in (("device_tokens", "device"), ("host_tokens", "host"), ("disk_tokens", "disk"),
-                       ("computed_tokens", "computed")):
+    for key, label, color in (("device_tokens", "device", colors["device"]), ("host_tokens", "host", colors["host"]),
+                              ("disk_tokens", "disk", colors["disk"]), ("computed_tokens", "computed", "tab:gray")):
         vals = [r[key] for r in rows]
-        ax2.bar(x, vals, bottom=bottom, label=label)
+        ax2.bar(x, vals, bottom=bottom, label=label, color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax2.set_ylabel("prompt tokens")
     ax2.set_xlabel("turn")
