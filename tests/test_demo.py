@@ -167,7 +167,7 @@ def test_real_model_logits_and_replies_identical_through_a_restart(
     models = Path(cache.mkdir("tiered_kv_models")) if cache is not None else tmp_path / "models"
     chat = load_chat_model("smollm2", models)
     model = chat.model
-    convs = build_workload(DemoWorkloadSpec(users=1, turns=2, documents=("bisect",), doc_tokens=600), chat)
+    convs = build_workload(DemoWorkloadSpec(users=1, turns=2, documents=("bisect",), doc_tokens=300), chat)
     messages = [{"role": "system", "content": convs[0].system}, {"role": "user", "content": convs[0].questions[0]}]
     ids = chat.chat_ids(messages)
     capital = chat.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
@@ -181,10 +181,10 @@ def test_real_model_logits_and_replies_identical_through_a_restart(
     with torch.inference_mode():
         full = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
         plain = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+                               max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     with manager() as bm:
         cache = TieredPrefixCache(bm, model)
-        seq, cold = cache.generate(ids, max_new_tokens=32, do_sample=False)
+        seq, cold = cache.generate(ids, max_new_tokens=24, do_sample=False)
         assert seq[0, len(ids):].tolist() == plain and cold.matched_tokens == 0
         out, warm = cache.prefill(ids, logits_to_keep=1)
         assert warm.matched_tokens == (len(ids) - 1) // 32 * 32
@@ -194,6 +194,6 @@ def test_real_model_logits_and_replies_identical_through_a_restart(
         bm.persist()
     with manager() as bm:  # a restart: only the disk tier remembers
         assert len(bm.device()) == 0  # type: ignore[arg-type]
-        seq, again = TieredPrefixCache(bm, model).generate(ids, max_new_tokens=32, do_sample=False)
+        seq, again = TieredPrefixCache(bm, model).generate(ids, max_new_tokens=24, do_sample=False)
         assert again.matched_by_tier["disk"] == again.matched_tokens == (len(ids) - 1) // 32 * 32
         assert seq[0, len(ids):].tolist() == plain

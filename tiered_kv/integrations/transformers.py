@@ -175,9 +175,11 @@ def cache_to_block_data(
         ValueError: batch size is not 1, or a layer does not hold the requested tokens (sliding window).
     """
     end = start_token + num_blocks * page_size
-    per_layer = []
-    for i, layer in enumerate(cache.layers):
-        k, v = layer.keys, layer.values
+    layers = list(cache.layers)
+    if not layers:
+        raise ValueError("cache: no layers")
+    for i, layer in enumerate(layers):
+        k = layer.keys
         if k is None or k.dim() != 4 or k.shape[0] != 1:
             shape = None if k is None else tuple(k.shape)
             raise ValueError(f"cache layer {i}: expected keys of shape [1, heads, seq, head_dim], got {shape}")
@@ -185,15 +187,15 @@ def cache_to_block_data(
             raise ValueError(
                 f"cache layer {i} holds {k.shape[2]} tokens, {end} needed (a sliding-window layer cannot be stored)"
             )
-        per_layer.append(torch.stack((k[0, :, start_token:end], v[0, :, start_token:end])))  # [2, H, T, D]
-    if not per_layer:
-        raise ValueError("cache: no layers")
-    dev = per_layer[0].device
-    kv = torch.stack([t.to(dev) for t in per_layer])  # [L, 2, H, T, D]
-    L, O, H, _, D = kv.shape  # noqa: E741
-    kv = kv.view(L, O, H, num_blocks, page_size, D).permute(3, 0, 1, 4, 2, 5)  # [n, L, 2, P, H, D]
-    out = kv.reshape(num_blocks, L, O, page_size, H * D)  # the one copy
-    return out if dtype is None else out.to(dtype)
+    first = layers[0].keys
+    _, H, _, D = first.shape
+    out = torch.empty((num_blocks, len(layers), 2, page_size, H * D), dtype=dtype or first.dtype, device=first.device)
+    for i, layer in enumerate(layers):
+        for o, t in enumerate((layer.keys, layer.values)):
+            # One strided copy per layer and K/V: [H, n * P, D] tokens -> [n, P, H, D] pages, no intermediate stack.
+            src = t[0, :, start_token:end].reshape(H, num_blocks, page_size, D).permute(1, 2, 0, 3)
+            out[:, i, o].view(num_blocks, page_size, H, D).copy_(src)
+    return out
 
 
 def _layers_from_kv(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
