@@ -153,6 +153,7 @@ smollm2 = pytest.mark.skipif(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about a minute of CPU; a shared 2-core machine can stretch that several times
 @smollm2
 def test_real_model_logits_and_replies_identical_through_a_restart(
     tmp_path: Path, request: pytest.FixtureRequest
@@ -197,3 +198,20 @@ def test_real_model_logits_and_replies_identical_through_a_restart(
         seq, again = TieredPrefixCache(bm, model).generate(ids, max_new_tokens=24, do_sample=False)
         assert again.matched_by_tier["disk"] == again.matched_tokens == (len(ids) - 1) // 32 * 32
         assert seq[0, len(ids):].tolist() == plain
+
+
+def test_second_run_is_warm_without_persist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """persist() at exit is not the only way blocks reach disk: what the small tiers demoted is there too."""
+    from tiered_kv import KvBlockManager
+
+    monkeypatch.setattr(KvBlockManager, "persist", lambda self: 0)
+    runner = CliRunner()
+    # A host tier of 16 blocks: the users' conversations (about 130 blocks) cannot all stay in memory.
+    args = ["--model", "tiny", "--no-recompute", "--host-blocks", "16", "--path", str(tmp_path)]
+    first = runner.invoke(demo, [*args, "--json", str(tmp_path / "1.json")])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(demo, [*args, "--json", str(tmp_path / "2.json")])
+    assert second.exit_code == 0, second.output
+    run2 = json.loads((tmp_path / "2.json").read_text())
+    assert run2["totals"]["warm_disk_blocks_at_start"] > 0
+    assert run2["turns"][0]["disk_tokens"] > 0  # the first user's document came back from disk
