@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -788,3 +790,22 @@ def test_parent_is_not_part_of_the_hash() -> None:
     a = compute_sequence_hashes(list(range(64)), 16, algorithm="xxh3_128")
     b = compute_sequence_hashes(list(range(64)), 16, algorithm="xxh3_128")
     assert a == b and a[1] is not b[1] and a[2].parent == b[1]
+
+
+def test_a_kept_hash_does_not_keep_its_whole_chain_alive() -> None:
+    # Hashes share their parents' storage in runs; keeping one hash of a long chain must keep about one run of
+    # digests alive, not the chain (a pool may keep a few hashes of many long requests).
+    tokens = np.arange(16 * 100_000, dtype=np.int64)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        hashes = compute_sequence_hashes(tokens, 16, algorithm="xxh3_128")
+        kept = hashes[50_000]
+        whole, _ = tracemalloc.get_traced_memory()
+        del hashes
+        gc.collect()
+        left, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept.parent is not None and len(kept.parent) == 16
+    assert whole > 10_000_000 and left < 50_000, (whole, left)

@@ -80,10 +80,11 @@ class SequenceHash(bytes):
     """
 
     # Cost: a per-hash attribute dict would double the cost of hashing (an object and a dict per block, on top
-    # of a ~90 ns xxh3 block). Instead all the hashes of one chain share ONE instance __dict__ holding one _Lineage,
-    # which maps each hash to its parent, built on the first look-up. (bytes subclasses cannot have __slots__
-    # fields, so the __dict__ is the only per-object storage.) Parents are the chain's plain digests, so nothing
-    # points back at the SequenceHash objects: no reference cycles, freed by reference counting.
+    # of a ~90 ns xxh3 block). Instead each run of up to _LINEAGE_SPAN consecutive hashes of a chain shares ONE
+    # instance __dict__ holding one _Lineage, which maps each of them to its parent, built on the first look-up.
+    # (bytes subclasses cannot have __slots__ fields, so the __dict__ is the only per-object storage.) The span
+    # bounds what one kept hash keeps alive: its run's digests, not the whole chain. Parents are plain digests,
+    # so nothing points back at the SequenceHash objects: no reference cycles, freed by reference counting.
     _lineage: _Lineage | None = None
 
     @property
@@ -380,6 +381,7 @@ def validate_hashes(hashes: Sequence[Any], algorithm: str, argument: str = "hash
 # internals
 
 _HASH_TYPES = frozenset({bytes, SequenceHash})
+_LINEAGE_SPAN = 64  # hashes per shared _Lineage: one dict per 64 blocks; a kept hash keeps <= 64 digests alive
 
 
 def _check_block_size(block_size: object) -> None:
@@ -460,13 +462,15 @@ def _hash_tokens(
 
 
 def _linked(digests: list[bytes], first_parent: bytes | None) -> list[SequenceHash]:
-    """Wrap a chain's digests as SequenceHash objects sharing one _Lineage (their parents)."""
-    if not digests:
-        return []
-    shared = {"_lineage": _Lineage(digests, first_parent)}
+    """Wrap a chain's digests as SequenceHash objects; each run of _LINEAGE_SPAN shares one _Lineage (parents)."""
     out = list(map(SequenceHash, digests))
-    for h in out:
-        h.__dict__ = shared  # no per-hash dict: see SequenceHash
+    parent = first_parent
+    for start in range(0, len(out), _LINEAGE_SPAN):
+        run = digests[start : start + _LINEAGE_SPAN]
+        shared = {"_lineage": _Lineage(run, parent)}
+        for h in out[start : start + _LINEAGE_SPAN]:
+            h.__dict__ = shared  # no per-hash dict: see SequenceHash
+        parent = run[-1]
     return out
 
 

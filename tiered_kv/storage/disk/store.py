@@ -25,22 +25,22 @@ Crash ordering (the rules every method below follows; comments at each site say 
    the commit itself is synced, so a row on disk always points at durable data.
 2. Delete: the row deletions commit before ``delete()`` returns; only then may the caller reuse the
    slots. A slot is never written while a committed row points at it.
-3. ``durability="batch"``: each commit fsyncs LMDB's data pages but not its meta page (``sync=True,
-   metasync=False``: ``MDB_NOMETASYNC``). LMDB documents that this keeps the environment's integrity through a
-   system crash (power loss, kernel panic: atomicity, consistency, isolation) and that such a crash may undo
-   only the last committed transaction; the next commit or ``env.sync`` makes that one durable too. (Before,
-   batch ran with ``MDB_NOSYNC``, which LMDB says may corrupt the environment on a system crash unless the file
-   system keeps write order.) The cost is one registry fdatasync per commit, i.e. per write batch, not per
-   block (``tools/bench_disk.py``, "registry group commit"). Block data is not synced at commit: a background
-   thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``. So after a power cut a
-   durable row can point at a slot whose new bytes never reached the disk. The xxh3-64 checksum in the row
-   catches exactly that: reads verify every block and drop rows that fail, so torn or stale bytes are never
-   served as good (such a block's descendants become orphans: :meth:`DiskStore.check` finds them). A process
-   crash (``kill -9``) loses nothing committed: the page cache survives it.
-4. ``durability="none"``: commits do not sync at all (``MDB_NOSYNC``) and nothing syncs the data in the
-   background; ``flush()``/``close()`` sync both. LMDB documents that a system crash inside the unsynced window
-   may corrupt the environment unless the file system keeps write order: use "batch" where power loss matters.
-5. Two rows claiming one slot (possible only after a power cut with durability "none" undid a delete but
+3. ``durability="batch"``: commits do not fsync (LMDB ``sync=False, metasync=False``: ``MDB_NOSYNC``); a
+   background thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``, so the rows it
+   makes durable point at synced data. But the OS may write LMDB pages back on its own before our data sync
+   (and a batch may commit between the two syncs), so after a power cut a durable row can point at a slot
+   whose new bytes never reached the disk. The xxh3-64 checksum in the row catches exactly that: reads verify
+   every block and drop rows that fail, so torn or stale bytes are never served as good (such a block's
+   descendants become orphans: :meth:`DiskStore.check` finds them). A process crash (``kill -9``) loses
+   nothing committed: the page cache survives it.
+   Caveat (power loss): LMDB documents that ``MDB_NOSYNC`` may corrupt the environment on a system crash
+   unless the file system keeps write order. The fix is ready behind ``_BATCH_SYNCS_COMMITS``: each commit then
+   fsyncs LMDB's data pages but not its meta page (``MDB_NOMETASYNC``), which LMDB documents keeps the
+   environment's integrity through a system crash and may undo only the last committed transaction. It costs
+   one registry fdatasync per commit, and today the disk pool deletes evicted rows under its own lock, one
+   commit per eviction: with it on, ``tiered-kv stress --duration 2.5`` did not finish in 10 minutes here.
+4. ``durability="none"``: like batch without the background data sync; ``flush()``/``close()`` sync.
+5. Two rows claiming one slot (possible only after a power cut in batch/none mode undid a delete but
    kept a later write): the newer row wins at open, the other is dropped.
 6. Capacity changes at open: growing fallocates the files before the meta record says so; shrinking
    drops the least recently used excess rows (commit), copies survivors from high slots to free low
@@ -102,6 +102,9 @@ _SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at le
 _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
 _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
+# Rule 3: "batch" commits sync LMDB's data pages (MDB_NOMETASYNC: integrity through power loss). Off until
+# evictions stop paying one registry fdatasync each under the pool lock (see rule 3 for what it costs today).
+_BATCH_SYNCS_COMMITS = False
 
 # Row field positions (see registry.ROW_FIELDS). Rows in memory always have every field: format-version-1 rows
 # (6 or 7 fields) are padded with None when loaded.
@@ -416,13 +419,13 @@ class DiskStore:
         self._writer_lock = _WriterLock(self.root)
         want = self.config.num_blocks
         map_size = max(_MIN_MAP_SIZE, want * _MAP_BYTES_PER_BLOCK)
-        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit, "batch" the data pages only (integrity
-        # through power loss, the last transaction may be undone), "none" neither.
+        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit; "batch" syncs the data pages only when
+        # _BATCH_SYNCS_COMMITS (integrity through power loss, the last transaction may be undone); "none" neither.
         self._registry = Registry(
             self.root,
             readonly=False,
             map_size=map_size,
-            sync=self.durability != "none",
+            sync=self.durability == "sync" or (self.durability == "batch" and _BATCH_SYNCS_COMMITS),
             metasync=self.durability == "sync",
         )
         meta = self._registry.read_meta()
