@@ -6,6 +6,8 @@ Runs the individual benchmarks (each also runnable on its own, with --json):
   tools/bench_hashing.py   hashing 128k tokens vs a naive chained sha256(pickle) loop
   tools/bench_pool.py      pool bookkeeping vs a dict + OrderedDict pool; eviction policy cost
   tools/bench_disk.py      disk tier write/read vs fio (O_DIRECT psync and libaio iodepth 16) in the same directory
+  tools/bench_paths.py     the public paths (disk pool write, a fresh manager's match, allocate under a storm,
+                           swaps, bookkeeping) beside the store alone, fio and a plain tensor copy
   tools/bench_ttft.py      TTFT with the prefix restored from disk after a restart vs a full prefill
   tools/bench_offload.py   promotion latency, churn, and (CUDA only) host<->device vs a plain pinned copy
 """
@@ -71,6 +73,27 @@ def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
                             ours / base if base else None))
         for mode, rps in d.get("registry_rows_per_s", {}).items():
             out.append((f"registry group commit ({mode})", f"{rps:,.0f} rows/s", "", None))
+    pp = run("bench_paths.py", *(["--quick", "--repeat", "1"] if quick else []))
+    if pp:
+        for size in ("2MiB", "64KiB"):
+            r = pp[f"disk_{size}"]
+            for op in ("write", "read"):
+                pub, store = r[f"public_{op}_MBps"]["median"], r[f"store_{op}_MBps"]["median"]
+                fio = r.get(f"fio_{op}_MBps")
+                base = f"store alone {store:,.0f} MB/s" + (f", fio psync {fio['median']:,.0f}" if fio else "")
+                what = ("disk pool register + flush" if op == "write" else "fresh manager's match, disk -> host")
+                out.append((f"public {op} {size}: {what}", f"{pub:,.0f} MB/s", base, pub / store))
+        st = pp["allocate_storm"]
+        out.append(("allocate_blocks(4), 2 MiB blocks churning through device 16 / host 32 / disk 512",
+                    f"p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms", f"{st['dropped_demotions']} dropped",
+                    None))
+        sw = pp["swap_256KiB"]
+        for k in ("swap_in", "swap_out"):
+            out.append((f"{k}, 64 blocks of 256 KiB (CPU tensors)", f"{sw[f'{k}_GBps']:.1f} GB/s",
+                        f"one plain tensor copy {sw['plain_copy_GBps']:.1f} GB/s",
+                        sw[f"{k}_GBps"] / sw["plain_copy_GBps"]))
+        out.append(("bookkeeping through the manager's pool (allocate 16 + register + release + match + release)",
+                    f"{pp['bookkeeping_blocks_per_s']:,.0f} blocks/s", "", None))
     t = run("bench_ttft.py", *(["--lengths", "4096", "8192"] if quick else ["--lengths", "4096", "8192", "16384",
                                                                                 "32768"]))
     if t:
