@@ -90,6 +90,9 @@ class KvBlockManager:
         self._requests: dict[Any, _Request] = {}
         self._requests_lock = threading.Lock()
         self._pools: dict[str, BlockPool] = {}
+        #: Blocks the disk tier dropped at open because their chain was broken on disk (a crash between a parent's
+        #: loss and its children's): no match could reach them.
+        self.dropped_at_open: list[bytes] = []
         cuda = self.device_type == "cuda"
         try:
             if config.device is not None:
@@ -159,6 +162,7 @@ class KvBlockManager:
         # A crash between a parent's loss and its children's (or an older version) can leave blocks that no match
         # reaches: drop them before the pool is rebuilt, so the tier starts prefix-closed.
         orphans = storage.store.orphans()
+        self.dropped_at_open = orphans
         if orphans:
             log.warning("disk tier %s: dropping %d blocks whose chain is broken on disk", disk.path, len(orphans))
             storage.store.delete(orphans)

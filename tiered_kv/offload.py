@@ -357,7 +357,10 @@ class OffloadScheduler:
         self._closing = False
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
-        self._copy_locks: dict[tuple[str, str], threading.Lock] = {}
+        # One copier into each tier at a time (cleaners, writeback, persist, ancestors written ahead of a batch):
+        # two copiers of the same hashes would each allocate room below, and the surplus would evict blocks just
+        # copied. Reentrant: a copy into the disk first writes the batch's missing ancestors, into the same tier.
+        self._copy_locks: dict[str, threading.RLock] = {pool.tier: threading.RLock() for pool in pools}
         self._copies_idle: dict[str, threading.Event] = {}
         self.inflight: dict[str, InflightSource] = {}
         self._threads: list[threading.Thread] = []
@@ -459,7 +462,7 @@ class OffloadScheduler:
             todo: list[bytes] = []
             while self._lost:
                 todo.append(self._lost.popleft())
-            gone = [h for h in todo if not any(h in p for p in self.pools) and not self._held_below(h, ())]
+            gone = [h for h in todo if not self._held_anywhere(h)]
             seen: set[bytes] = set()
             frontier = gone
             while frontier:
@@ -473,9 +476,35 @@ class OffloadScheduler:
                     q.drop(orphans)
                 for p in self.pools:
                     dropped += p.invalidate(orphans)
+            dropped += self._reap_disk(todo)
         if dropped:
             self.counters.add(reaped=dropped)
         return dropped
+
+    def _held_anywhere(self, h: bytes) -> bool:
+        """Whether a tier or a queue holds ``h``, checked top-down under each pool's lock: a block on its way down
+        (an eviction handler runs under the upper pool's lock) is found in the tier it moves to."""
+        for p in self.pools:
+            if p.tier in self.inflight and h in self.inflight[p.tier]:
+                return True
+            if p.holds(h):
+                return True
+        return False
+
+    def _reap_disk(self, removed: Sequence[bytes]) -> int:
+        """Keep the disk tier prefix-closed on its own: the disk descendants of blocks that left the disk (even
+        if a memory tier still holds them) go too, so that a restart finds every block on disk reachable."""
+        disk = self._wb_disk
+        if disk is None:
+            return 0
+        queued = self.inflight.get(disk.tier)
+        frontier = [h for h in removed if (queued is None or h not in queued) and not disk.holds(h)]
+        seen: set[bytes] = set()
+        while frontier:
+            kids = [c for h in frontier for c in disk.children_of(h)]
+            frontier = [c for c in dict.fromkeys(kids) if c not in seen]
+            seen.update(frontier)
+        return disk.invalidate(list(seen)) if seen else 0
 
     def _copy_now(
         self, upper: BlockPool, lower: BlockPool, pair: str, dirty: list[tuple[bytes, int]]
@@ -588,6 +617,8 @@ class OffloadScheduler:
             inflight.drop(job.hashes)  # after registration: the block is always findable somewhere
         if lost:
             self._drop([(h, s) for h, s in lost if not any(h in p for p in self.pools)], cause)
+            # Still in memory or not, they did not reach the disk: what was written under them there must go.
+            self._lost.extend(h for h, _ in lost)
         self.reap()
         if written:
             self.counters.add(demotions=written, bytes_demoted=written * self._block_bytes)
@@ -642,7 +673,12 @@ class OffloadScheduler:
             j = i
             while j < len(order) and order[j][0] is pool:
                 j += 1
-            written += self.copy_down(pool, disk, [h for _, h in order[i:j]])
+            try:
+                written += self.copy_down(pool, disk, [h for _, h in order[i:j]])
+            except TieredKvError as exc:  # the batch's blocks under them are then refused and dropped as tails
+                log.warning("writing %d ancestors to disk failed: %s", j - i, exc)
+                self.counters.add(failed_transfers=j - i)
+                break
             i = j
         return written
 
@@ -698,7 +734,12 @@ class OffloadScheduler:
                     elif h in p and h not in disk:
                         by_pool.setdefault(p.tier, (p, []))[1].append(h)
                 for p, hs in by_pool.values():
-                    n = self.copy_down(p, disk, hs)
+                    try:
+                        n = self.copy_down(p, disk, hs)
+                    except TieredKvError as exc:  # EIO, ENOSPC: the blocks stay in memory; eviction tries again
+                        log.warning("writeback of %d blocks failed: %s", len(hs), exc)
+                        self.counters.add(failed_transfers=len(hs))
+                        continue
                     written += n
                     if n < len(hs):  # the disk could not take more now: retry later
                         missing = [h for h in hs if h not in disk]
@@ -783,13 +824,16 @@ class OffloadScheduler:
         The blocks are held during the copy (matchable, never evicted mid-copy); as many as ``lower`` has room
         for are copied, in one batch. Returns how many were registered below.
         """
-        # One copier per tier pair at a time (the cleaner, persist): two copiers of the same hashes would each
-        # allocate room below, and the surplus would evict blocks just copied.
-        with self._copy_locks.setdefault((upper.tier, lower.tier), threading.Lock()):
+        with self._copy_locks[lower.tier]:
             idle = self._copies_idle.setdefault(upper.tier, threading.Event())
             idle.clear()
+            todo = [h for h in hashes if h not in lower]
             try:
-                return self._copy_down_locked(upper, lower, [h for h in hashes if h not in lower])
+                return self._copy_down_locked(upper, lower, todo)
+            except TieredKvError:
+                if lower.storage.persistent:
+                    self._lost.extend(todo)  # not written: what the disk holds under them must go (reap)
+                raise
             finally:
                 idle.set()
 
@@ -805,8 +849,10 @@ class OffloadScheduler:
         try:
             protect = None
             if held and lower.storage.persistent:
-                # Only blocks whose chain reaches the disk go there (prefix-closed); the rest waits in ``upper``.
                 parents = upper.parents_of(held)
+                # Ancestors that only memory tiers hold go first, so that the batch's chains reach the disk.
+                self._write_ancestors(lower, parents, {b.sequence_hash for b in held})
+                # Only blocks whose chain reaches the disk go there (prefix-closed); the rest waits in ``upper``.
                 refused = lower.refused([b.sequence_hash for b in held], parents)
                 if refused:
                     upper.release_blocks([b for i, b in enumerate(held) if i in refused], as_victims=True)
@@ -916,6 +962,7 @@ class OffloadScheduler:
         for t in self._threads:  # the cleaners first: they may still queue nothing, but they copy
             t.join(timeout)
         dropped = sum(len(j.hashes) for j in self.queue.stop(timeout))
+        self.reap()  # what the last writes and evictions left unreachable, before the files close
         if dropped:
             self.counters.add(dropped_demotions=dropped)
             log.warning("close: %d queued demotions dropped after %.1f s", dropped, timeout)

@@ -143,6 +143,11 @@ class BlockPool:
         """Matched / looked-up hashes in this pool."""
         return self.metrics.hit_rate
 
+    def holds(self, sequence_hash: bytes) -> bool:
+        """Whether the hash is registered here, taking the lock (so a move in progress under it has finished)."""
+        with self._lock:
+            return sequence_hash in self._by_hash
+
     def __contains__(self, sequence_hash: object) -> bool:
         return sequence_hash in self._by_hash
 

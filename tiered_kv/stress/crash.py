@@ -118,6 +118,8 @@ def run_with_kills(opts: StressOptions, progress: Progress | None = None) -> Run
         totals.add("blocks_verified", check.verified)
         totals.add("verified_disk", check.verified)
         totals.add("wrong", check.wrong)
+        totals.add("unreachable", check.unreachable)
+        totals.add("not_prefix_closed", check.not_prefix_closed)  # --kill-every: prefix-closed after each restart
         if opts.faults > 0:
             totals.add("lost", check.lost)
             detected += check.corrupt

@@ -101,6 +101,8 @@ class ReopenCheck:
     lost: int = 0
     corrupt: int = 0  # failed their checksum on the read (detected; a fault when faults are injected)
     corrupt_required: int = 0  # of those, blocks that were durable (lost, unless faults were injected)
+    unreachable: int = 0  # durable blocks the reopen dropped because an ancestor was lost (orphans)
+    not_prefix_closed: int = 0  # blocks on disk whose parent is not on disk after the reopen (must be 0)
     examples: list[str] = field(default_factory=list)
 
 
@@ -120,10 +122,21 @@ def verify_disk(
     out = ReopenCheck()
     required = set(required)
     present = set(disk.cached_hashes())
+    pruned = set(bm.dropped_at_open)
     for h in sorted(required - present):
+        if h in pruned:
+            out.unreachable += 1  # its chain was broken on disk (an ancestor lost): dropped, by design
+            continue
         out.lost += 1
         if len(out.examples) < 5:
             out.examples.append(f"durable block {h.hex()[:16]} is gone after the reopen")
+    # Prefix-closed: every block on disk has its parent on disk (or none).
+    for h in present:
+        par = disk.parent_of(h)
+        if par is not None and par not in present:
+            out.not_prefix_closed += 1
+            if len(out.examples) < 5:
+                out.examples.append(f"disk block {h.hex()[:16]} has no parent on disk after the reopen")
     hashes = sorted(present)
     for i in range(0, len(hashes), batch):
         want = hashes[i : i + batch]

@@ -58,7 +58,7 @@ def build_report(opts: StressOptions, result: RunResult) -> dict[str, Any]:
         "reopen_corrupt": result.detected_extra,
     }
     return {
-        "ok": s["wrong"] == 0 and s["lost"] == 0 and s["client_failures"] == 0,
+        "ok": s["wrong"] == 0 and s["lost"] == 0 and s["client_failures"] == 0 and s["not_prefix_closed"] == 0,
         "mode": "kill" if opts.kill_every is not None else "in-process",
         "duration_s": round(result.elapsed, 3),
         "ops": s["ops"],
@@ -71,6 +71,8 @@ def build_report(opts: StressOptions, result: RunResult) -> dict[str, Any]:
         "verified_per_tier": {t: s["verified_" + t] for t in TIERS},
         "wrong": s["wrong"],
         "lost": s["lost"],
+        "unreachable": s["unreachable"],
+        "not_prefix_closed": s["not_prefix_closed"],
         "crashes": result.crashes,
         "faults_injected": result.faults_injected,
         "faults_detected": sum(detected.values()),

@@ -181,6 +181,8 @@ def run_in_process(opts: StressOptions, progress: Progress | None = None) -> Run
     stats.add("verified_disk", check.verified)
     stats.add("wrong", check.wrong)
     stats.add("lost", check.lost + (0 if opts.faults > 0 else check.corrupt_required))
+    stats.add("unreachable", check.unreachable)
+    stats.add("not_prefix_closed", check.not_prefix_closed)
     return RunResult(
         stats=stats,
         metrics=metrics,

@@ -21,6 +21,8 @@ COUNTERS = (
     "verified_disk",
     "wrong",  # a returned block whose bytes differ from what was registered under its hash
     "lost",  # a block that must be present (durable, not evicted) and is not
+    "unreachable",  # a durable block dropped at a reopen because an ancestor was lost (a match could not reach it)
+    "not_prefix_closed",  # blocks on disk after a reopen whose parent is not on disk (must stay 0)
     "errors",  # exceptions surfaced to a client by the store (counted as detected faults)
     "client_failures",  # a client died on an unexpected exception from the store (a bug either way)
     "backpressure",  # allocations refused for lack of room (the client backed off)
