@@ -15,8 +15,17 @@ from __future__ import annotations
 import os
 import sys
 
-from vllm_helpers import END_STEP, aligned_rows, content, job, key, offloading_config, spec_with_tier, \
-    store_through_manager, tier_entry
+from vllm_helpers import (
+    END_STEP,
+    aligned_rows,
+    content,
+    job,
+    key,
+    offloading_config,
+    spec_with_tier,
+    store_through_manager,
+    tier_entry,
+)
 
 
 def store(path: str, chunk: int, n: int, stream: str, remote_url: str | None) -> None:

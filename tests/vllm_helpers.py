@@ -42,7 +42,11 @@ def offloading_config(
         groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("model.layers.0.attn",), group_id=0),),
         worker_kv_bytes_per_block=chunk_bytes // tp_size,
         enable_kv_cache_events=events,
-        extra_config={"cpu_bytes_to_use": chunk_bytes * primary_chunks, "secondary_tiers": tiers or [], **(extra or {})},
+        extra_config={
+            "cpu_bytes_to_use": chunk_bytes * primary_chunks,
+            "secondary_tiers": tiers or [],
+            **(extra or {}),
+        },
         engine_id=f"tkv-test-{uuid.uuid4().hex}",
         model=OffloadingModelConfig(name=model, dtype=dtype),
         cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
