@@ -76,7 +76,8 @@ class DiskStorage(BlockStorage):
                     zeros = torch.zeros(self.model.block_shape, dtype=self.model.torch_dtype)
                 t = zeros
             parts.append(t)
-        self.store.write_blocks(list(hashes), list(slots), torch.stack(parts), tokens)
+        # Per-block tensors, not a stacked copy: staged blocks are written from where they lie.
+        self.store.write_blocks(list(hashes), list(slots), [p.contiguous() for p in parts], tokens)
         with self._stage_lock:
             for s in slots:
                 self._stage.pop(s, None)

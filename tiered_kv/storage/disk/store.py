@@ -607,7 +607,7 @@ class DiskStore:
         self,
         hashes: Sequence[bytes],
         slots: Sequence[int],
-        data: torch.Tensor,
+        data: torch.Tensor | Sequence[torch.Tensor],
         tokens: Sequence[bytes | None] | None = None,
     ) -> None:
         """Store ``data[i]`` under ``hashes[i]`` in free slot ``slots[i]``; all rows commit together.
@@ -618,7 +618,8 @@ class DiskStore:
             hashes: sequence hashes, none of them already stored.
             slots: free slots (no live row), distinct, in ``[0, capacity)``.
             data: ``[n, num_layers, outer_dim, page_size, inner_dim]`` in the model dtype; CPU, or CUDA for a
-                backend that accepts CUDA buffers (others stage it through host memory).
+                backend that accepts CUDA buffers (others stage it through host memory). Or a sequence of ``n``
+                contiguous blocks ``[num_layers, outer_dim, page_size, inner_dim]``, written without gathering.
 
         Raises:
             DiskFullError: ENOSPC, or the registry map is full. No row of this batch is committed.
@@ -628,17 +629,24 @@ class DiskStore:
         n = len(hashes)
         if len(slots) != n:
             raise DiskTierError(f"{n} hashes but {len(slots)} slots")
-        self._check_tensor(data, n, "data")
+        if isinstance(data, torch.Tensor):
+            self._check_tensor(data, n, "data")
         if n == 0:
             return
         keys = [self._check_hash(h) for h in hashes]
         slot_list = [int(s) for s in slots]
         if len(set(keys)) != n or len(set(slot_list)) != n:
             raise DiskTierError("hashes and slots of one write batch must be distinct")
-        if data.is_cuda and not self.backend.accepts_cuda:
-            data = data.cpu()
-        flat = data.contiguous().view(torch.uint8).reshape(n, self.block_size)
-        host = flat if flat.device.type == "cpu" else flat.cpu()
+        if isinstance(data, torch.Tensor):
+            if data.is_cuda and not self.backend.accepts_cuda:
+                data = data.cpu()
+            flat = list(data.contiguous().view(torch.uint8).reshape(n, self.block_size))
+        else:
+            # One tensor per block, written from where it lies (no gathering copy, e.g. rows of a caller's buffer).
+            flat = [self._block_bytes(t, i) for i, t in enumerate(data)]
+            if len(flat) != n:
+                raise DiskTierError(f"{n} hashes but {len(flat)} blocks of data")
+        host = [t if t.device.type == "cpu" else t.cpu() for t in flat]
         with self._lock:
             for key, slot in zip(keys, slot_list, strict=True):
                 if not 0 <= slot < self.capacity_:
@@ -677,6 +685,17 @@ class DiskStore:
         finally:
             with self._lock:
                 self._inflight.difference_update(slot_list)
+
+    def _block_bytes(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """Block ``i`` of a per-block data list as 1-D uint8 bytes (a view, never a copy)."""
+        if tuple(t.shape) != self.model.block_shape or t.dtype != self.model.torch_dtype or not t.is_contiguous():
+            raise DiskTierError(
+                f"data[{i}] must be a contiguous {self.model.dtype} block shaped {list(self.model.block_shape)}, "
+                f"got {t.dtype} {list(t.shape)}"
+            )
+        if t.is_cuda and not self.backend.accepts_cuda:
+            t = t.cpu()
+        return t.view(torch.uint8).reshape(self.block_size)
 
     def delete(self, hashes: Sequence[bytes]) -> None:
         """Drop the rows of ``hashes`` (unknown ones are ignored) in one committed transaction.
