@@ -368,7 +368,9 @@ class TieredKvTier(SecondaryTierManager):
 
         self._events: deque[OffloadingEvent] | None = deque() if events_on else None
         self._key_of: dict[bytes, OffloadKey] = {}
-        self._event_sync = threading.Event()
+        self._sync_asked = 0  # event-bus round trips asked for / delivered (see _sync_events)
+        self._sync_done = 0
+        self._synced = threading.Condition(threading.Lock())
         self._unsubscribe: Any = None
         if self._events is not None:
             storage = pool.storage
@@ -638,8 +640,7 @@ class TieredKvTier(SecondaryTierManager):
             pool.release_blocks(blocks)
             raise
         pool.release_blocks(registered)
-        if self._events is not None and self._bm.events.active:
-            self._sync_events()
+        self._sync_events()
         return len(todo) == len(seen), len(todo)
 
     def _check_chunk(self, cid: int) -> None:
@@ -743,8 +744,10 @@ class TieredKvTier(SecondaryTierManager):
     # ------------------------------------------------------------------------------------------------ events
     def _on_kv_event(self, ev: KvEvent) -> None:
         """Dispatcher thread: disk removals (evictions, corrupt chunks) become vLLM removal events."""
-        if ev.kind == "sync":
-            self._event_sync.set()
+        if ev.kind == "vllm-sync":
+            with self._synced:
+                self._sync_done = max(self._sync_done, int.from_bytes(ev.sequence_hashes[0], "big"))
+                self._synced.notify_all()
             return
         if ev.kind != "removed" or ev.tier != "disk" or self._events is None:
             return
@@ -756,12 +759,16 @@ class TieredKvTier(SecondaryTierManager):
             )
 
     def _sync_events(self) -> None:
-        """Wait until tiered_kv's event dispatcher has delivered everything published so far."""
-        if self._events is None or self._closed:
+        """Wait until tiered_kv's event dispatcher has delivered everything published so far (a marker round trip),
+        so that a job's removal events are queued before the job is reported."""
+        if self._events is None or self._closed or not self._bm.events.active:
             return
-        self._event_sync.clear()
-        self._bm.events.publish("sync", "disk", [b"sync"])
-        self._event_sync.wait(5.0)
+        with self._synced:
+            self._sync_asked += 1
+            mine = self._sync_asked
+        self._bm.events.publish("vllm-sync", "disk", [mine.to_bytes(8, "big")])
+        with self._synced:
+            self._synced.wait_for(lambda: self._sync_done >= mine, timeout=5.0)
 
     # ------------------------------------------------------------------------------------------------ stats
     def get_stats(self) -> OffloadingConnectorStats | None:
