@@ -70,7 +70,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without vLLM
         "tools/install_vllm.sh (see the README's 'Use with vLLM')"
     ) from exc
 
-from ..blocks import ImmutableBlock
 from ..config import DURABILITIES, DiskConfig, KvBlockManagerConfig, ModelConfig, RemoteConfig
 from ..errors import ConfigError, DiskTierError, LayoutMismatchError, TieredKvError
 from ..events import KvEvent
@@ -693,32 +692,30 @@ class TieredKvTier(SecondaryTierManager):
             self._check_chunk(cid)
         hashes = [sequence_hash_of(k) for k in keys]
         records = [_key_record(k) for k in keys]
+        # The stored keys, checked by the match: a chunk stored under another key (a hash collision) is a miss.
+        tokens = None if None in records else np.frombuffer(b"".join(records), dtype="<u4")  # type: ignore[arg-type]
         per_round = max(1, _STAGE_BYTES // self._chunk)
         good: list[OffloadKey] = []
-        i = 0
-        while i < len(keys):
-            # The next run of held chunks (a prefix match from i); a missing or mismatched one is skipped.
-            batch: list[tuple[int, ImmutableBlock]] = []
-            while i < len(keys) and len(batch) < per_round:
-                rec = records[i]
-                expected = None if rec is None else np.frombuffer(rec, dtype="<u4")
-                found = pool.match_sequence_hashes([hashes[i]], tokens=expected)
-                if found:
-                    batch.append((i, found[0]))
+        i, n = 0, len(keys)
+        while i < n:
+            # The run of held chunks from i (one prefix match); the chunk that ends it early is missing: skipped.
+            end = min(n, i + per_round)
+            run = pool.match_sequence_hashes(hashes[i:end], tokens=None if tokens is None else tokens[i * _PAGE :])
+            start, i = i, i + len(run)
+            if i < end:
                 i += 1
-            if not batch:
+            if not run:
                 continue
-            blocks = [b for _, b in batch]
             try:
-                data, bad = pool.gather(blocks, self._stage(len(blocks)))  # verified; bad ones are dropped
-                flat = data.view(len(blocks), self._chunk)
+                data, bad = pool.gather(run, self._stage(len(run)))  # verified; failed ones are dropped, counted
+                flat = data.view(len(run), self._chunk)
                 skip = set(bad)
-                for j, (pos, _) in enumerate(batch):
+                for j in range(len(run)):
                     if j not in skip:
-                        rows[chunk_ids[pos]].copy_(flat[j])
-                        good.append(keys[pos])
+                        rows[chunk_ids[start + j]].copy_(flat[j])
+                        good.append(keys[start + j])
             finally:
-                pool.release_blocks(blocks)
+                pool.release_blocks(run)
         return good
 
     # -- Redis look-ups -------------------------------------------------------------------------------------
