@@ -708,12 +708,13 @@ class TieredKvTier(SecondaryTierManager):
                 continue
             try:
                 data, bad = pool.gather(run, self._stage(len(run)))  # verified; failed ones are dropped, counted
-                flat = data.view(len(run), self._chunk)
-                skip = set(bad)
-                for j in range(len(run)):
-                    if j not in skip:
-                        rows[chunk_ids[start + j]].copy_(flat[j])
-                        good.append(keys[start + j])
+                flat = data.view(len(run), self._chunk).numpy()
+                ok = [j for j in range(len(run)) if j not in set(bad)]
+                # One numpy row copy per chunk: far less per-call overhead than torch's copy_ for 64 KiB rows.
+                dst = rows.numpy()
+                for j in ok:
+                    dst[chunk_ids[start + j]] = flat[j]
+                good.extend(keys[start + j] for j in ok)
             finally:
                 pool.release_blocks(run)
         return good
