@@ -255,6 +255,22 @@ def test_capacity_is_bounded_and_removals_are_events(tmp_path: Path) -> None:
         tier.shutdown()
 
 
+def test_touch_keeps_a_chunk_through_evictions(tmp_path: Path) -> None:
+    tier, arr = make_tier(tmp_path / "kv", rows=4, num_blocks=4)
+    try:
+        keys = [key("touch", i) for i in range(6)]
+        fill(arr, keys[:4], [0, 1, 2, 3])
+        run_jobs(tier, job(1, keys[:4], [0, 1, 2, 3], promotion=False))
+        ctx = ReqContext(req_id="r")
+        tier.touch([keys[0]], ctx)  # recently used: the oldest chunk is no longer the first to go
+        fill(arr, keys[4:], [0, 1])
+        run_jobs(tier, job(2, keys[4:], [0, 1], promotion=False))
+        held = [tier.lookup(k, ctx) is LookupResult.HIT for k in keys]
+        assert held == [True, False, False, True, True, True]
+    finally:
+        tier.shutdown()
+
+
 def test_lookup_is_retry_while_the_chunk_is_being_stored(tmp_path: Path) -> None:
     tier, arr = make_tier(tmp_path / "kv", write_threads=1)
     gate = threading.Event()

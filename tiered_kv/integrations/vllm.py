@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -343,11 +343,15 @@ class TieredKvTier(SecondaryTierManager):
         pool = self._bm.disk()
         assert pool is not None
         self._pool = pool
-        self._write_config_record()
-
-        # The primary rows as one uint8 tensor, sharing the memory (no copy); released again in shutdown().
-        self._flat: memoryview | None = primary_kv_view.cast("B") if primary_kv_view.ndim != 1 else primary_kv_view
-        self._rows: torch.Tensor | None = torch.frombuffer(self._flat, dtype=torch.uint8).view(-1, chunk)
+        try:
+            self._write_config_record()
+            # The primary rows as one uint8 tensor, sharing the memory (no copy); released again in shutdown().
+            flat = primary_kv_view.cast("B") if primary_kv_view.ndim != 1 else primary_kv_view
+            self._flat: memoryview | None = flat
+            self._rows: torch.Tensor | None = torch.frombuffer(flat, dtype=torch.uint8).view(-1, chunk)
+        except BaseException:
+            self._bm.close()  # do not keep the writer lock of a tier that failed to come up
+            raise
         self._num_chunks = self._rows.shape[0]
 
         self._lock = threading.Lock()
@@ -359,7 +363,6 @@ class TieredKvTier(SecondaryTierManager):
         self._storing: dict[bytes, int] = {}  # seq hash -> in-flight store jobs holding it
         self._probing: set[bytes] = set()  # seq hashes being looked up in Redis
         self._remote_misses: dict[str, set[bytes]] = {}  # per request: seq hashes Redis does not have
-        self._futures: set[Future[None]] = set()
         self._counters = _Counters()
         self._seen_evictions = pool.metrics.evictions
         self._seen_corrupt = pool.metrics.corrupt
@@ -539,17 +542,9 @@ class TieredKvTier(SecondaryTierManager):
 
     def _submit(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> None:
         try:
-            fut = pool.submit(self._run, fn, *args)
-        except RuntimeError:  # the executor is shut down: report the job as failed, never drop it silently
+            pool.submit(self._run, fn, *args)
+        except RuntimeError:  # the executor is shut down: the job reports itself failed, never dropped silently
             self._run(fn, *args)
-            return
-        with self._lock:
-            self._futures.add(fut)
-        fut.add_done_callback(self._forget_future)
-
-    def _forget_future(self, fut: Future[None]) -> None:
-        with self._lock:
-            self._futures.discard(fut)
 
     def _run(self, fn: Any, *args: Any) -> None:
         try:
