@@ -216,6 +216,14 @@ def _opt_seconds(key: str, value: object) -> float | None:
 
 
 @dataclass
+class _StoreJob:
+    job_id: int
+    keys: list[OffloadKey]
+    hashes: list[bytes]
+    chunk_ids: list[int]
+
+
+@dataclass
 class _Counters:
     hits: int = 0
     misses: int = 0
@@ -360,6 +368,7 @@ class TieredKvTier(SecondaryTierManager):
         self._stopping = False
         self._closed = False
         self._finished: deque[JobResult] = deque()
+        self._store_queue: deque[_StoreJob] = deque()
         self._storing: dict[bytes, int] = {}  # seq hash -> in-flight store jobs holding it
         self._probing: set[bytes] = set()  # seq hashes being looked up in Redis
         self._remote_misses: dict[str, set[bytes]] = {}  # per request: seq hashes Redis does not have
@@ -506,7 +515,8 @@ class TieredKvTier(SecondaryTierManager):
             self._outstanding += 1
             for h in hashes:
                 self._storing[h] = self._storing.get(h, 0) + 1
-        self._submit(self._writers, self._store_job, job_metadata.job_id, keys, hashes, chunk_ids)
+            self._store_queue.append(_StoreJob(job_metadata.job_id, keys, hashes, chunk_ids))
+        self._submit(self._writers, self._store_batch)
 
     def submit_load(self, job_metadata: TransferJob) -> None:
         keys = list(job_metadata.keys)
@@ -549,52 +559,75 @@ class TieredKvTier(SecondaryTierManager):
     def _run(self, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
-        except Exception:  # a bug must not leave a job unreported: the job's own handler reported what it could
+        except Exception:  # a bug: the task's own finally clauses still reported its jobs
             log.exception("TieredKvTier worker failed")
-        finally:
-            with self._idle:
-                self._outstanding -= 1
-                if not self._outstanding:
-                    self._idle.notify_all()
+
+    def _done(self, n: int = 1) -> None:
+        """``n`` jobs (or Redis look-ups) have been reported."""
+        with self._idle:
+            self._outstanding -= n
+            if not self._outstanding:
+                self._idle.notify_all()
 
     # -- stores ---------------------------------------------------------------------------------------------
-    def _store_job(self, job_id: int, keys: list[OffloadKey], hashes: list[bytes], chunk_ids: list[int]) -> None:
+    def _store_batch(self) -> None:
+        """Take the queued store jobs (up to about 64 MiB) and write them together: one allocation, one registry
+        commit, one parallel write for all of them (the disk tier commits one batch at a time anyway)."""
+        limit = max(1, _STAGE_BYTES // self._chunk)
+        with self._lock:
+            batch: list[_StoreJob] = []
+            size = 0
+            queue = self._store_queue
+            while queue and (not batch or size + len(queue[0].keys) <= limit):
+                job = queue.popleft()
+                batch.append(job)
+                size += len(job.keys)
+        if not batch:
+            return  # another task took them
         t0 = time.perf_counter()
-        stored = 0
-        ok = False
+        failed: set[bytes] | None = None  # None: the whole batch failed
+        written = 0
         try:
-            if self._stopping:
-                return  # cancelled before it started: reported failed, nothing touched
-            ok, stored = self._store(keys, hashes, chunk_ids)
+            if not self._stopping:  # else cancelled before it started: reported failed, nothing touched
+                keys = [k for j in batch for k in j.keys]
+                hashes = [h for j in batch for h in j.hashes]
+                chunk_ids = [c for j in batch for c in j.chunk_ids]
+                failed, written = self._store(keys, hashes, chunk_ids)
         except TieredKvError as exc:
-            log.warning("store job %d (%d chunks) failed: %s", job_id, len(keys), exc)
+            log.warning("storing %d chunks of %d jobs failed: %s", size, len(batch), exc)
         finally:
+            elapsed = time.perf_counter() - t0
             with self._lock:
-                for h in hashes:
-                    n = self._storing.get(h, 0) - 1
-                    if n > 0:
-                        self._storing[h] = n
-                    else:
-                        self._storing.pop(h, None)
+                for job in batch:
+                    for h in job.hashes:
+                        n = self._storing.get(h, 0) - 1
+                        if n > 0:
+                            self._storing[h] = n
+                        else:
+                            self._storing.pop(h, None)
                 c = self._counters
-                c.stored_bytes += stored * self._chunk
+                c.stored_bytes += written * self._chunk
+            for job in batch:
+                ok = failed is not None and not any(h in failed for h in job.hashes)
                 if not ok:
-                    c.store_failed += len(keys)
-            if ok and self._events is not None:
-                self._events.append(
-                    OffloadingEvent(keys=list(keys), medium=Medium.STORAGE, removed=False, locality=self.locality)
+                    with self._lock:
+                        self._counters.store_failed += len(job.keys)
+                elif self._events is not None:
+                    self._events.append(
+                        OffloadingEvent(keys=job.keys, medium=Medium.STORAGE, removed=False, locality=self.locality)
+                    )
+                self._finished.append(
+                    JobResult(
+                        job_id=job.job_id,
+                        success=ok,
+                        transfer_time=elapsed,
+                        transfer_bytes=len(job.keys) * self._chunk if ok else None,
+                    )
                 )
-            self._finished.append(
-                JobResult(
-                    job_id=job_id,
-                    success=ok,
-                    transfer_time=time.perf_counter() - t0,
-                    transfer_bytes=stored * self._chunk if ok else None,
-                )
-            )
+            self._done(len(batch))
 
-    def _store(self, keys: list[OffloadKey], hashes: list[bytes], chunk_ids: list[int]) -> tuple[bool, int]:
-        """Write the chunks this tier lacks; returns (every chunk is now held, chunks written)."""
+    def _store(self, keys: list[OffloadKey], hashes: list[bytes], chunk_ids: list[int]) -> tuple[set[bytes], int]:
+        """Write the chunks this tier lacks; returns (the hashes that found no room, chunks written)."""
         pool = self._pool
         rows = self._rows
         assert rows is not None
@@ -605,10 +638,11 @@ class TieredKvTier(SecondaryTierManager):
                 seen.add(h)
                 todo.append(i)
         if not todo:
-            return True, 0
+            return set(), 0
         blocks = pool.allocate_up_to(len(todo))  # evicts the coldest chunks when full (ARC)
-        if len(blocks) < len(todo):
-            log.warning("tier full of held chunks: %d of %d chunks not stored", len(todo) - len(blocks), len(todo))
+        no_room = {hashes[i] for i in todo[len(blocks) :]}
+        if no_room:
+            log.warning("tier full of held chunks: %d of %d chunks not stored", len(no_room), len(todo))
         todo = todo[: len(blocks)]
         try:
             if self._events is not None:
@@ -635,7 +669,7 @@ class TieredKvTier(SecondaryTierManager):
             raise
         pool.release_blocks(registered)
         self._sync_events()
-        return len(todo) == len(seen), len(todo)
+        return no_room, len(todo)
 
     def _check_chunk(self, cid: int) -> None:
         if not 0 <= cid < self._num_chunks:
@@ -666,6 +700,7 @@ class TieredKvTier(SecondaryTierManager):
                     transfer_bytes=n * self._chunk,
                 )
             )
+            self._done()
 
     def _stage(self, n: int) -> torch.Tensor:
         """A per-thread, 4 KiB-aligned staging buffer of ``n`` chunks (reads bypass the page cache into it)."""
@@ -733,6 +768,7 @@ class TieredKvTier(SecondaryTierManager):
                         self._key_of[h] = key
                 else:
                     self._remote_misses.setdefault(req_id, set()).add(h)
+            self._done()
 
     # ------------------------------------------------------------------------------------------------ events
     def _on_kv_event(self, ev: KvEvent) -> None:
