@@ -406,30 +406,6 @@ def _child(*args: str) -> subprocess.Popen[str]:
                             env=env)
 
 
-def test_restart_in_a_new_process_hits_and_loads_identical_bytes(tmp_path: Path) -> None:
-    path = tmp_path / "kv"
-    child = _child("store", str(path), str(KIB64), "16", "warm")
-    out, err = child.communicate(timeout=120)
-    assert child.returncode == 0 and out.strip().endswith("done"), err[-3000:]
-
-    spec = spec_with_tier(KIB64, str(path), 64, primary_chunks=16)
-    manager = spec.get_manager()
-    try:
-        keys = [key("warm", i) for i in range(16)]
-        ctx, first = promote(manager, keys)
-        assert first == [LookupResult.HIT_PENDING] * 16
-        assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.HIT] * 16
-        rows = primary_rows(manager)
-        load = manager.prepare_load(keys, ctx)
-        for k, cid in zip(keys, load.chunk_ids, strict=True):
-            assert np.array_equal(rows[int(cid)], content(k, KIB64))
-        manager.complete_load(keys, ctx)
-        del rows, load
-    finally:
-        gc.collect()
-        manager.shutdown()
-
-
 def test_kill9_during_a_store_storm_leaves_nothing_torn(tmp_path: Path) -> None:
     path = tmp_path / "kv"
     capacity = 48
@@ -473,45 +449,71 @@ def test_kill9_during_a_store_storm_leaves_nothing_torn(tmp_path: Path) -> None:
         tier.shutdown()
 
 
-def test_two_processes_share_chunks_through_redis(tmp_path: Path) -> None:
-    servers = pytest.importorskip("remote.redis_servers", reason="needs tests/remote")
-    reason = servers.missing_reason()
-    if reason is not None:
-        pytest.skip(f"needs Redis: {reason}")
-    server = servers.RedisServer(tmp_path / "redis")
-    try:
-        child = _child("store", str(tmp_path / "node-a"), str(KIB64), "8", "shared", server.url)
-        out, err = child.communicate(timeout=120)
-        assert child.returncode == 0 and out.strip().endswith("done"), err[-3000:]
+def _load_all_through_manager(manager: Any, keys: list[bytes], ctx: ReqContext) -> None:
+    """Every key is ready in the primary tier (HIT): pin them, compare their bytes, unpin."""
+    assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.HIT] * len(keys)
+    rows = primary_rows(manager)
+    load = manager.prepare_load(keys, ctx)
+    for k, cid in zip(keys, load.chunk_ids, strict=True):
+        assert np.array_equal(rows[int(cid)], content(k, KIB64))
+    manager.complete_load(keys, ctx)
 
-        spec = spec_with_tier(KIB64, str(tmp_path / "node-b"), 64, primary_chunks=8, remote_url=server.url)
+
+def redis_server_or_none(workdir: Path) -> Any:
+    try:
+        from remote import redis_servers
+    except ImportError:
+        return None
+    return None if redis_servers.missing_reason() is not None else redis_servers.RedisServer(workdir)
+
+
+def test_a_new_process_restarts_warm_and_a_second_node_shares_through_redis(tmp_path: Path) -> None:
+    """Node A (a child process) stores chunks through vLLM's manager and exits cleanly. This process then
+    (1) as node B, on its own path, finds them through Redis (when redis-server is installed), and
+    (2) restarting node A's tier, HITs and loads identical bytes."""
+    server = redis_server_or_none(tmp_path / "redis")
+    try:
+        node_a = tmp_path / "node-a"
+        args = ["store", str(node_a), str(KIB64), "8", "warm"] + ([server.url] if server is not None else [])
+        child = _child(*args)
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0 and out.strip().endswith("done"), err[-3000:]
+        keys = [key("warm", i) for i in range(8)]
+
+        if server is not None:
+            spec = spec_with_tier(KIB64, str(tmp_path / "node-b"), 64, primary_chunks=8, remote_url=server.url)
+            manager = spec.get_manager()
+            try:
+                tier = manager.secondary_tiers[0]
+                ctx = ReqContext(req_id="b")
+                manager.on_new_request(ctx)
+                # Missing on this node's disk: looked up in Redis in the background (RETRY), then fetched.
+                assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.RETRY] * 8
+                tier.drain_jobs()
+                assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.HIT_PENDING] * 8
+                manager.on_schedule_end(END_STEP)
+                tier.drain_jobs()
+                _load_all_through_manager(manager, keys, ctx)
+                # A chunk nobody stored is a MISS once Redis has answered.
+                other = key("warm", 99)
+                assert manager.lookup(other, ctx) is LookupResult.RETRY
+                tier.drain_jobs()
+                assert manager.lookup(other, ctx) is LookupResult.MISS
+                flat = tier.get_stats().reduce()  # type: ignore[union-attr]
+                assert flat["vllm:kv_offload_tiered_kv_remote_hits"] == 8
+            finally:
+                gc.collect()
+                manager.shutdown()
+
+        spec = spec_with_tier(KIB64, str(node_a), 32, primary_chunks=8)  # a restart, without Redis this time
         manager = spec.get_manager()
         try:
-            keys = [key("shared", i) for i in range(8)]
-            tier = manager.secondary_tiers[0]
-            ctx = ReqContext(req_id="b")
-            manager.on_new_request(ctx)
-            # Missing on this node's disk: looked up in Redis in the background (RETRY), then fetched (HIT).
-            assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.RETRY] * 8
-            tier.drain_jobs()
-            assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.HIT_PENDING] * 8
-            manager.on_schedule_end(END_STEP)
-            tier.drain_jobs()
-            assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.HIT] * 8
-            rows = primary_rows(manager)
-            load = manager.prepare_load(keys, ctx)
-            for k, cid in zip(keys, load.chunk_ids, strict=True):
-                assert np.array_equal(rows[int(cid)], content(k, KIB64))
-            manager.complete_load(keys, ctx)
-            # A chunk nobody stored is a MISS once Redis has answered.
-            other = key("shared", 99)
-            assert manager.lookup(other, ctx) is LookupResult.RETRY
-            tier.drain_jobs()
-            assert manager.lookup(other, ctx) is LookupResult.MISS
-            assert tier.get_stats().reduce()["vllm:kv_offload_tiered_kv_remote_hits"] == 8  # type: ignore[union-attr]
-            del rows, load
+            ctx, first = promote(manager, keys)
+            assert first == [LookupResult.HIT_PENDING] * 8
+            _load_all_through_manager(manager, keys, ctx)
         finally:
             gc.collect()
             manager.shutdown()
     finally:
-        server.close()
+        if server is not None:
+            server.close()
