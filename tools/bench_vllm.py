@@ -167,13 +167,17 @@ def bench_chunk(base: str, chunk: int, args: argparse.Namespace) -> dict[str, An
         gb = n * chunk / 1e9
         for name, tier in tiers.items():
             m = min(n, 4096)
+            # One round per stored key set (fresh keys each round: no answer cached by a previous round); median.
+            hits = [lookup_cost(tier, keys_for(f"{name}/{chunk}/{r}", m), LookupResult.HIT) for r in range(args.repeat)]
+            misses = [lookup_cost(tier, keys_for(f"{name}/{chunk}/absent{r}", m), LookupResult.MISS)
+                      for r in range(args.repeat)]
             out[name] = {
                 "store_gbps": gb / statistics.median(stores[name]),
                 "load_gbps": gb / statistics.median(loads[name]),
                 "store_s": stores[name],
                 "load_s": loads[name],
-                "lookup_hit_us": lookup_cost(tier, keys_for(f"{name}/{chunk}/0", m), LookupResult.HIT) * 1e6,
-                "lookup_miss_us": lookup_cost(tier, keys_for(f"{name}/{chunk}/absent", m), LookupResult.MISS) * 1e6,
+                "lookup_hit_us": statistics.median(hits) * 1e6,
+                "lookup_miss_us": statistics.median(misses) * 1e6,
             }
     finally:
         for tier in tiers.values():
