@@ -856,7 +856,10 @@ class TieredKvTier(SecondaryTierManager):
             self._rows = None
             flat, self._flat = self._flat, None
             if flat is not None and flat is not self._primary_kv_view:
-                flat.release()
+                try:
+                    flat.release()
+                except BufferError:  # a view escaped (a bug): vLLM then keeps its region mapped, and says so
+                    log.warning("TieredKvTier %s: a view of the primary memory is still alive at shutdown", self.path)
 
     def __repr__(self) -> str:
         return f"TieredKvTier({self.path!r}, {len(self._pool)}/{self.num_blocks} chunks of {self._chunk} bytes)"
