@@ -324,8 +324,10 @@ class BlockPool:
             state[slot] = _FREE
         if self._on_evict is not None:
             self._on_evict(victims)
-        if self._on_removed is not None:
-            self._on_removed([h for h, _ in victims])  # gone from here; the scheduler checks the other tiers
+        if self._on_removed is not None and (self._persistent or self._on_evict is None):
+            # Gone from the disk (or from the lowest tier): the reaper checks what under them is left unreachable.
+            # A memory tier's victims go down through its handler, which reports the ones it drops itself.
+            self._on_removed([h for h, _ in victims])
         self.storage.discard([s for _, s in victims], [h for h, _ in victims])
         self.metrics.record_evictions(victims, "capacity")
         if self.events is not None and self.events.active:

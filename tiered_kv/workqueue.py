@@ -137,9 +137,9 @@ class WorkQueue(Generic[T]):
                     self.cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no job is queued (jobs in progress may still run); False on timeout."""
+        """Wait until no unit is reserved, queued or in progress (busy() sections aside); False on timeout."""
         with self.cond:
-            return self.cond.wait_for(lambda: not self._jobs, timeout)
+            return self.cond.wait_for(lambda: self._units == 0, timeout)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until no job is queued or in progress and no :meth:`busy` section runs; False on timeout."""
