@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -271,7 +270,6 @@ def main() -> None:
           f"swap_out {w['swap_out_GBps']:.1f} GB/s ({w['swap_out_GBps'] / w['plain_copy_GBps']:.2f}x)  "
           f"plain copy {w['plain_copy_GBps']:.1f} GB/s")
     print(f"bookkeeping: {results['bookkeeping_blocks_per_s']:,.0f} blocks/s")
-    os.sys.stdout.flush()
 
 
 if __name__ == "__main__":
