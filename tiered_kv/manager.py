@@ -18,11 +18,9 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
-import torch
 
 from .blocks import ImmutableBlock, MutableBlock
 from .config import KvBlockManagerConfig
@@ -39,22 +37,20 @@ from .hashing import compute_sequence_hashes, hash_length
 from .offload import OffloadScheduler
 from .policies import create_policy
 from .pool import BlockPool
+from .sources import MatchSource
 from .storage.memory import TensorArena
-from .transfer import TransferStreams, copy_between
+from .transfer import TransferStreams
 
 if TYPE_CHECKING:
-    from .offload import SnapshotBlock
     from .peers import BlockDescriptor
     from .remote import RemotePoolView, RemoteTier
+    from .sources import SnapshotBlock
 
 __all__ = ["KvBlockManager", "UnclosedManagerWarning"]
 
 log = logging.getLogger("tiered_kv")
 
 TIERS = ("device", "host", "disk")
-
-#: A source of blocks for a cross-tier match: a pool, or the snapshots queued toward the disk tier.
-Source = Any  # a BlockPool, an InflightSource (queued snapshots) or the RemoteTier
 
 
 class _Request:
@@ -116,21 +112,10 @@ class KvBlockManager:
         self.scheduler = OffloadScheduler(
             self._order, self._streams, writeback_s=config.disk.writeback_s if config.disk is not None else None
         )
-        # Lookup order for matches: each pool, with the snapshots queued toward a disk tier just above it.
-        self._sources: list[Source] = []
-        for pool in self._order:
-            queued = self.scheduler.inflight.get(pool.tier)
-            if queued is not None:
-                self._sources.append(queued)
-            self._sources.append(pool)
+        # Lookup order for matches: each pool, with the snapshots queued toward a disk tier just above it; the
+        # remote tier, when configured, last.
+        self._sources: list[MatchSource] = self.scheduler.sources()
         self._remote: RemoteTier | None = None
-        # The disk tier takes a block only when its parent is on disk too (or written in the same batch, or queued
-        # ahead of it toward the disk): what is on disk stays prefix-closed, across restarts and crashes. Memory
-        # tiers may hold a block before its parent arrives (the reaper drops them once the parent is lost).
-        disk_pool = self._pools.get("disk")
-        if disk_pool is not None:
-            queued = self.scheduler.inflight.get("disk")
-            disk_pool.set_parent_lookup(queued.__contains__ if queued is not None else lambda h: False)
         if config.remote is not None:
             try:
                 self._open_remote(config)
@@ -148,8 +133,10 @@ class KvBlockManager:
         self._finalizer.atexit = False  # at interpreter exit, as before: daemon threads just end
 
     def _add_pool(self, tier: str, storage: Any, num_blocks: int) -> BlockPool:
-        pool = BlockPool(tier, storage, create_policy(self.config.eviction, num_blocks), self._hash_length)
-        pool._closed = self._shutdown_flag.is_set
+        pool = BlockPool(
+            tier, storage, create_policy(self.config.eviction, num_blocks), self._hash_length,
+            closed=self._shutdown_flag.is_set,
+        )
         self._pools[tier] = pool
         return pool
 
@@ -167,7 +154,7 @@ class KvBlockManager:
             log.warning("disk tier %s: dropping %d blocks whose chain is broken on disk", disk.path, len(orphans))
             storage.store.delete(orphans)
         pool = self._add_pool("disk", storage, disk.num_blocks)
-        pool._restore(storage.stored_slots())
+        pool.restore(storage.stored_slots())
 
     def _open_remote(self, config: KvBlockManagerConfig) -> None:
         assert config.remote is not None
@@ -180,24 +167,7 @@ class KvBlockManager:
         remote.max_fetch = self._order[0].total_blocks()
         self._remote = remote
         self._sources.append(remote)  # looked at last, below disk
-
-        def write(pool: BlockPool, victims: list[tuple[bytes, int]]) -> None:
-            # Under the pool's lock, before the slots are reused. Hashes already remote are not read again.
-            todo = [(h, s) for h, s in victims if h not in remote._known]
-            if not todo:
-                return
-            data, bad = pool.storage.gather([s for _, s in todo])
-            good = [i for i in range(len(todo)) if i not in set(bad)]
-            if good:
-                idx = torch.tensor(good)
-                remote.enqueue([todo[i][0] for i in good], data.index_select(0, idx.to(data.device)))
-
-        if remote.mode == "write_back":
-            bottom = self._order[-1]
-            bottom.set_eviction_handler(partial(write, bottom))
-        else:
-            for pool in self._order:
-                pool.set_stored_handler(partial(write, pool))
+        self.scheduler.attach_remote(remote, remote.mode)
 
     def remote(self) -> RemotePoolView | None:
         """The remote tier (match, contains, metrics), or None when not configured."""
@@ -322,7 +292,7 @@ class KvBlockManager:
         self._check_open()
         self.scheduler.reap()  # descendants of blocks that left every tier go before they can be looked up
         top = self._order[0]
-        hashes = top._validate_hashes(hashes, "hashes")
+        hashes = top.validate_hashes(hashes, "hashes")
         expected = top.expected_tokens(tokens, len(hashes))
         for _attempt in range(4):
             segments = self._find(hashes, expected)
@@ -372,9 +342,9 @@ class KvBlockManager:
         while pos < n:
             h = hashes[pos]
             for ti, pool in enumerate(pools):
-                if h in pool:
+                if pool.may_hold(h):
                     higher = pools[:ti]
-                    run = pool._match_run(hashes, pos, higher, expected)
+                    run = pool.match_run(hashes, pos, higher, expected)
                     if run:
                         for miss in higher:
                             if isinstance(miss, BlockPool):
@@ -444,7 +414,7 @@ class KvBlockManager:
                 d += len(entries)
                 src = self._sources[ti]
                 # Blocks failing verification are counted (once) by the source pool, which drops them.
-                bad = copy_between(src, [b for _, b in entries], top, targets, self._streams)
+                bad = self.scheduler.copy(src, [b for _, b in entries], top, targets, count=False)
                 if bad:
                     cut = min(cut, min(entries[i][0] for i in bad))
                 toks = src.tokens_of([b for _, b in entries])
@@ -518,7 +488,7 @@ class KvBlockManager:
             dst.release_blocks(present)
             raise
         try:
-            bad = copy_between(src, todo, dst, new, self._streams)
+            bad = self.scheduler.copy(src, todo, dst, new, count=False)
             if bad:
                 raise CorruptBlockError(f"{len(bad)} {src_tier} blocks failed verification while swapping")
             registered = dst.register_blocks(
@@ -557,8 +527,7 @@ class KvBlockManager:
             groups.setdefault((id(s.pool), id(d.pool)), []).append(i)
         for idx in groups.values():
             s_pool, d_pool = src_blocks[idx[0]].pool, dst_blocks[idx[0]].pool
-            bad = copy_between(s_pool, [src_blocks[i] for i in idx], d_pool, [dst_blocks[i] for i in idx],
-                               self._streams)
+            bad = self.scheduler.copy(s_pool, [src_blocks[i] for i in idx], d_pool, [dst_blocks[i] for i in idx])
             if bad:
                 raise CorruptBlockError(f"{len(bad)} source blocks failed verification in copy_blocks")
 
@@ -569,7 +538,7 @@ class KvBlockManager:
         Pending prefetches are cancelled by :meth:`close`.
         """
         self._check_open()
-        hashes = self._order[0]._validate_hashes(hashes, "hashes")
+        hashes = self._order[0].validate_hashes(hashes, "hashes")
         self.scheduler.submit(lambda: self.top.release_blocks(self.match_sequence_hashes(hashes, tokens)))
 
     # ------------------------------------------------------------------------------------------ reset and touch
@@ -588,9 +557,7 @@ class KvBlockManager:
             if held:
                 raise InvalidBlockError(f"cannot reset: {held} blocks of the {pool.tier} tier are held or pinned")
         for pool in pools:
-            queued = self.scheduler.inflight.get(pool.tier)
-            if queued is not None:
-                queued.drop(list(queued._data))
+            self.scheduler.drop_queued(pool.tier)
             pool.reset()
 
     # -------------------------------------------------------------------------------------------------- metrics

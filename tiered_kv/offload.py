@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 
-from .blocks import ImmutableBlock
+from .blocks import ImmutableBlock, MutableBlock
 from .errors import DiskFullError, TieredKvError
 from .pool import BlockPool
+from .sources import InflightSource, MatchSource, SnapshotBlock, SnapshotSource
 from .transfer import TransferStreams, copy_between, copy_slots, snapshot_slots
 from .workqueue import WorkQueue
 
@@ -135,143 +136,6 @@ class OffloadCounters:
             self.per_pair[name] = self.per_pair.get(name, 0) + n
 
 
-class SnapshotBlock:
-    """A block whose bytes travel with the handle (queued toward disk, or fetched from the remote tier).
-
-    Nothing is held in any pool, so releasing it only marks the handle.
-    """
-
-    __slots__ = ("_pool", "_released", "block_id", "data", "sequence_hash", "tokens")
-
-    def __init__(self, source: SnapshotSource, h: bytes, data: torch.Tensor, tokens: bytes | None) -> None:
-        self._pool = source
-        self._released = False
-        self.block_id = -1
-        self.sequence_hash = h
-        self.data = data
-        self.tokens = tokens
-
-    @property
-    def tier(self) -> str:
-        """The source's name ("disk-queue", "remote")."""
-        return self._pool.tier
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return self._released
-
-    def layer_view(self, layer: int, outer: int) -> torch.Tensor:
-        """A copy of one layer's K or V."""
-        return self.data[layer, outer].clone()
-
-    def release(self) -> None:
-        """Mark the handle released."""
-        self._released = True
-
-
-class SnapshotSource:
-    """What a match source made of :class:`SnapshotBlock` handles provides for promotion."""
-
-    tier: str
-
-    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Stack the handles' bytes (already verified when they were taken)."""
-        data = torch.stack([b.data for b in blocks])
-        if out is not None:
-            out.copy_(data)
-            return out, []
-        return data, []
-
-    def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
-        """The token ids each block carries, where known."""
-        return [b.tokens for b in blocks]
-
-    def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
-        """The parents of the blocks, where known (a remote block does not carry one)."""
-        return [None] * len(blocks)
-
-    def release_blocks(self, blocks: Sequence[Any]) -> None:
-        """Mark the handles released."""
-        for b in blocks:
-            b._released = True
-
-
-class InflightSource(SnapshotSource):
-    """Snapshots of blocks queued toward a persistent tier; pool-like enough for matching and promotion."""
-
-    def __init__(self, tier: str) -> None:
-        self.tier = f"{tier}-queue"
-        self._lock = threading.Lock()
-        self._data: dict[bytes, tuple[torch.Tensor, bytes | None]] = {}
-        self._parents: dict[bytes, bytes | None] = {}
-        self._children: dict[bytes, set[bytes]] = {}
-        self._by_hash = self._data  # what the manager's run detection reads
-
-    def put(
-        self,
-        hashes: Sequence[bytes],
-        data: torch.Tensor | Sequence[torch.Tensor],
-        tokens: Sequence[bytes | None],
-        parents: Sequence[bytes | None] | None = None,
-    ) -> None:
-        with self._lock:
-            for i, h in enumerate(hashes):
-                self._data[h] = (data[i], tokens[i])
-                par = parents[i] if parents is not None else None
-                if par is not None:
-                    self._parents[h] = par
-                    self._children.setdefault(par, set()).add(h)
-
-    def parent(self, h: bytes) -> bytes | None:
-        """The parent a queued hash was registered with."""
-        with self._lock:
-            return self._parents.get(h)
-
-    def children_of(self, h: bytes) -> list[bytes]:
-        """Queued hashes whose parent is ``h``."""
-        with self._lock:
-            return list(self._children.get(h, ()))
-
-    def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
-        """The parents the queued blocks were registered with."""
-        with self._lock:
-            return [self._parents.get(b.sequence_hash) for b in blocks]
-
-    def drop(self, hashes: Sequence[bytes]) -> None:
-        with self._lock:
-            for h in hashes:
-                self._data.pop(h, None)
-                par = self._parents.pop(h, None)
-                if par is not None:
-                    kids = self._children.get(par)
-                    if kids is not None:
-                        kids.discard(h)
-                        if not kids:
-                            del self._children[par]
-
-    def __contains__(self, h: object) -> bool:
-        return h in self._data
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def _match_run(
-        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
-    ) -> list[SnapshotBlock]:
-        out: list[SnapshotBlock] = []
-        with self._lock:
-            for i in range(start, len(hashes)):
-                h = hashes[i]
-                entry = self._data.get(h)
-                if entry is None or (out and any(h in p._by_hash for p in higher)):
-                    break
-                if expected is not None and entry[1] not in (None, expected[i]):
-                    break
-                out.append(SnapshotBlock(self, h, entry[0], entry[1]))
-        return out
-
-
 class PromotionClaims:
     """Hashes being promoted right now, so that concurrent matches share one copy."""
 
@@ -307,6 +171,10 @@ def _merge_jobs(a: _Job, b: _Job) -> _Job | None:
         return None
     return _Job(a.lower, a.pair if a.pair == b.pair else f"{a.pair}+{b.pair}", a.hashes + b.hashes, a.data + b.data,
                 a.tokens + b.tokens, a.parents + b.parents, min(a.queued_at, b.queued_at))
+
+
+def _nowhere(h: bytes) -> bool:
+    return False
 
 
 @dataclass
@@ -374,6 +242,13 @@ class OffloadScheduler:
                 self.inflight[lower.tier] = InflightSource(lower.tier)
         for upper, lower in itertools.pairwise(pools):  # after every queue exists: handlers look further down
             upper.set_eviction_handler(self._make_handler(upper, lower))
+        # A persistent tier takes a block only when its parent is there too (or written in the same batch, or queued
+        # ahead of it toward that tier): what is on disk stays prefix-closed, across restarts and crashes. Memory
+        # tiers may hold a block before its parent arrives (the reaper drops them once the parent is lost).
+        for pool in pools:
+            if pool.storage.persistent:
+                queued = self.inflight.get(pool.tier)
+                pool.set_parent_lookup(queued.__contains__ if queued is not None else _nowhere)
         # Disk demotions waiting for a writer; drain() also waits for cleaning passes (busy sections).
         self.queue: WorkQueue[_Job] = WorkQueue(
             max_queued_blocks if max_queued_blocks is not None else max(512, (256 << 20) // self._block_bytes),
@@ -402,6 +277,75 @@ class OffloadScheduler:
                 self._kicks.append(kick)
                 upper.set_pressure_hook(self._reserve(upper), kick.set)
                 self._spawn(partial(self._cleaner, upper, lower, kick), f"tiered-kv-clean-{upper.tier}")
+
+    # ---------------------------------------------------------------------------------------- sources, copies
+    def sources(self) -> list[MatchSource]:
+        """The local match sources in lookup order: each pool, with the snapshots queued toward it just above."""
+        out: list[MatchSource] = []
+        for pool in self.pools:
+            queued = self.inflight.get(pool.tier)
+            if queued is not None:
+                out.append(queued)
+            out.append(pool)
+        return out
+
+    def drop_queued(self, tier: str) -> None:
+        """Forget the snapshots queued toward ``tier`` (a reset of that tier); their writes are skipped."""
+        queued = self.inflight.get(tier)
+        if queued is not None:
+            queued.clear()
+
+    def copy(
+        self,
+        src: MatchSource | BlockPool,
+        src_blocks: Sequence[Any],
+        dst: BlockPool,
+        dst_blocks: Sequence[MutableBlock],
+        *,
+        borrow: bool = False,
+        count: bool = True,
+    ) -> list[int]:
+        """Copy ``src_blocks`` (handles of any match source) into ``dst_blocks`` of ``dst``: the one copy path.
+
+        Promotion, swaps and ``copy_blocks`` call it on the caller's thread; demotion, cleaning and writeback use
+        it from the scheduler's threads. The copy runs on this thread's copy stream (CUDA) and is complete when it
+        returns.
+
+        Args:
+            borrow: the caller keeps the sources held until ``dst_blocks`` are registered (a persistent
+                destination then writes straight from the source's bytes).
+            count: add the blocks to the ``"<src>-><dst>"`` transfer counter.
+
+        Returns:
+            Indices of source blocks that failed verification (already dropped by their source); their
+            destinations hold garbage and must not be registered.
+        """
+        bad = copy_between(src, src_blocks, dst, dst_blocks, self.streams, borrow=borrow)
+        if count and len(src_blocks) > len(bad):
+            self.counters.pair(f"{src.tier}->{dst.tier}", len(src_blocks) - len(bad))
+        return bad
+
+    def attach_remote(self, remote: Any, mode: str) -> None:
+        """Feed the remote tier: ``write_back`` sends the victims of the lowest tier, ``write_through`` every
+        block registered in any tier (hashes already remote are not read again)."""
+
+        def write(pool: BlockPool, victims: list[tuple[bytes, int]]) -> None:
+            # Under the pool's lock, before the slots are reused: their bytes are intact.
+            todo = [(h, s) for h, s in victims if not remote.known(h)]
+            if not todo:
+                return
+            data, bad = pool.storage.gather([s for _, s in todo])
+            good = [i for i in range(len(todo)) if i not in set(bad)]
+            if good:
+                idx = torch.tensor(good)
+                remote.enqueue([todo[i][0] for i in good], data.index_select(0, idx.to(data.device)))
+
+        if mode == "write_back":
+            bottom = self.pools[-1]
+            bottom.set_eviction_handler(partial(write, bottom))
+        else:
+            for pool in self.pools:
+                pool.set_stored_handler(partial(write, pool))
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -517,8 +461,7 @@ class OffloadScheduler:
             todo = dirty[: len(dst)]
             if dst:
                 copy_slots(upper.storage, [s for _, s in todo], lower, dst)
-                toks = [upper._tokens[s] for _, s in todo]
-                pars = [upper._parents[s] for _, s in todo]
+                toks, pars = upper.lineage_at([s for _, s in todo])
                 lower.release_blocks(lower.register_blocks(dst, [h for h, _ in todo], tokens=toks, parents=pars))
         except TieredKvError:
             log.exception("demotion of %d blocks %s failed", len(todo), pair)
@@ -534,7 +477,7 @@ class OffloadScheduler:
     def _parents_first(upper: BlockPool, dirty: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
         """Order victims so that a parent precedes its children in the batch: what overflows is chain tails."""
         depth: dict[bytes, int] = {}
-        parent = {h: upper._parents[s] for h, s in dirty}
+        parent = dict(zip([h for h, _ in dirty], upper.lineage_at([s for _, s in dirty])[1]))
         for h, _ in dirty:
             chain = []
             x: bytes | None = h
@@ -565,8 +508,7 @@ class OffloadScheduler:
             self.queue.unreserve(len(take))
             raise
         hashes = [h for h, _ in take]
-        toks = [upper._tokens[s] for _, s in take]
-        pars = [upper._parents[s] for _, s in take]
+        toks, pars = upper.lineage_at([s for _, s in take])
         inflight.put(hashes, data, toks, pars)
         self.queue.put(_Job(lower, pair, hashes, data, toks, pars, time.perf_counter()))
         return dirty[len(take) :]
@@ -867,7 +809,7 @@ class OffloadScheduler:
             if not dst:
                 return 0
             # The sources stay held until their copies are registered below: the copy may borrow their slots.
-            bad = set(copy_between(upper, held_now, lower, dst, self.streams, borrow=True))
+            bad = set(self.copy(upper, held_now, lower, dst, borrow=True, count=False))
             good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in bad]
             lower.release_blocks([d for i, d in enumerate(dst) if i in bad])
             if good:

@@ -91,7 +91,7 @@ def publish_blocks(bm: KvBlockManager, blocks: Sequence[ImmutableBlock | bytes])
         else:
             got = type(b).__name__
             raise InvalidBlockError(f"blocks[{i}]: expected an ImmutableBlock or a sequence hash, got {got}")
-    hashes = bm.top._validate_hashes(hashes, "blocks")
+    hashes = bm.top.validate_hashes(hashes, "blocks")
     todo: dict[int, tuple[list[int], list[ImmutableBlock]]] = {}
     found = [False] * len(hashes)
     for pool in bm.pools():  # the highest tier holding each hash (no promotion: a publish is a read)
@@ -147,7 +147,7 @@ def fetch_remote_blocks(bm: KvBlockManager, descriptors: Sequence[BlockDescripto
                 f"descriptors[{i}] (worker {d.worker_id}) is for (fingerprint, namespace) "
                 f"{(d.fingerprint, d.namespace)}, this manager serves {ours}"
             )
-    hashes = bm.top._validate_hashes([d.sequence_hash for d in descriptors], "descriptors")
+    hashes = bm.top.validate_hashes([d.sequence_hash for d in descriptors], "descriptors")
     if not hashes:
         return [], torch.empty((0, *bm.model.block_shape), dtype=bm.model.torch_dtype)
     data, ok = remote.store.get_blocks(hashes)

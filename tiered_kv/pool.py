@@ -41,6 +41,7 @@ from .tokens import encode_tokens
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .events import EventBus
+    from .sources import MatchSource
     from .storage.base import BlockStorage
 
 __all__ = ["BlockPool", "BlockState", "EvictionHandler"]
@@ -78,7 +79,15 @@ class BlockPool:
         hash_length: byte length of a sequence hash (32 for sha256, 16 for xxh3_128).
     """
 
-    def __init__(self, tier: str, storage: BlockStorage, policy: EvictionPolicy, hash_length: int) -> None:
+    def __init__(
+        self,
+        tier: str,
+        storage: BlockStorage,
+        policy: EvictionPolicy,
+        hash_length: int,
+        *,
+        closed: Callable[[], bool] | None = None,
+    ) -> None:
         n = storage.num_blocks
         self.tier = tier
         self.storage = storage
@@ -118,7 +127,8 @@ class BlockPool:
         self._low_free = 0
         self._on_low_free: Callable[[], None] | None = None
         self.events: EventBus | None = None  # set by the manager; publishing is a deque append
-        self._closed: Callable[[], bool] = lambda: False
+        # The owner's shutdown flag: calls on a closed manager's pools raise ShutdownError.
+        self._closed: Callable[[], bool] = closed if closed is not None else (lambda: False)
 
     # ---------------------------------------------------------------------------------------------- inspection
     def total_blocks(self) -> int:
@@ -147,6 +157,10 @@ class BlockPool:
         """Whether the hash is registered here, taking the lock (so a move in progress under it has finished)."""
         with self._lock:
             return sequence_hash in self._by_hash
+
+    def may_hold(self, sequence_hash: bytes) -> bool:
+        """Lock-free membership (may be a moment stale; see :meth:`tiered_kv.sources.MatchSource.may_hold`)."""
+        return sequence_hash in self._by_hash
 
     def __contains__(self, sequence_hash: object) -> bool:
         return sequence_hash in self._by_hash
@@ -465,7 +479,7 @@ class BlockPool:
         blocks = list(blocks)
         pars = self._parents_of(sequence_hashes, parents)
         # Plain bytes from here on: the parents are taken, and a stored SequenceHash would keep its chain alive.
-        valid = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        valid = self.validate_hashes(sequence_hashes, "sequence_hashes")
         hashes = [h if type(h) is bytes else bytes(h) for h in valid]
         if len(blocks) != len(hashes):
             raise ValueError(f"blocks and sequence_hashes differ in length: {len(blocks)} != {len(hashes)}")
@@ -605,6 +619,14 @@ class BlockPool:
         """The token ids (uint32 bytes) each registered block was stored with, or None where unknown."""
         return [self._tokens[b.block_id] for b in blocks]
 
+    def lineage_at(self, slots: Sequence[int]) -> tuple[list[bytes | None], list[bytes | None]]:
+        """Token bytes and parents recorded at ``slots``, e.g. victims inside an eviction handler.
+
+        Lock-free: the caller holds this pool's lock (eviction handlers run under it) or holds the slots' blocks.
+        """
+        toks, pars = self._tokens, self._parents
+        return [toks[s] for s in slots], [pars[s] for s in slots]
+
     def _validate_mutable(self, blocks: list[MutableBlock]) -> None:
         state, gen = self._state, self._gen
         seen: set[int] = set()
@@ -717,7 +739,7 @@ class BlockPool:
 
         With ``tokens`` (the request's token ids), a block stored with other token ids is a miss.
         """
-        hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        hashes = self.validate_hashes(sequence_hashes, "sequence_hashes")
         expected = self.expected_tokens(tokens, len(hashes))
         self._check_open()
         with self._lock:
@@ -739,10 +761,10 @@ class BlockPool:
             self.metrics.misses += 1
         return out
 
-    def _match_run(
-        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
+    def match_run(
+        self, hashes: list[bytes], start: int, higher: Sequence[MatchSource], expected: list[bytes] | None = None
     ) -> list[ImmutableBlock]:
-        """Match ``hashes[start:]`` while present here and absent from every ``higher`` pool (cross-tier match).
+        """Match ``hashes[start:]`` while present here and absent from every ``higher`` source (cross-tier match).
 
         Hits are counted here; misses are the caller's to count, since a hash that stops the run because a higher
         tier holds it was not missed here. ``expected``: per-hash token bytes to verify (see ``tokens``).
@@ -754,7 +776,7 @@ class BlockPool:
     def _take_run(
         self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None
     ) -> list[ImmutableBlock]:
-        """Reference the run of ``hashes[start:]`` held here (see :meth:`_match_run`); counts hits. Lock held."""
+        """Reference the run of ``hashes[start:]`` held here (see :meth:`match_run`); counts hits. Lock held."""
         if self._pending:
             self._drain_pending()
         by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
@@ -764,7 +786,7 @@ class BlockPool:
         for i in range(start, len(hashes)):
             h = hashes[i]
             slot = by_hash.get(h)
-            if slot is None or (out and higher and any(h in p._by_hash for p in higher)):
+            if slot is None or (out and higher and any(p.may_hold(h) for p in higher)):
                 break
             if expected is not None and tokens[slot] not in (None, expected[i]):
                 break
@@ -803,7 +825,7 @@ class BlockPool:
 
     def touch(self, sequence_hashes: Sequence[bytes]) -> int:
         """Refresh the recency of cached hashes without matching; returns how many were present."""
-        hashes = self._validate_hashes(sequence_hashes, "sequence_hashes")
+        hashes = self.validate_hashes(sequence_hashes, "sequence_hashes")
         with self._lock:
             n = 0
             for h in hashes:
@@ -1105,7 +1127,7 @@ class BlockPool:
             return len(moves)
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _restore(self, entries: Iterable[tuple[bytes, int, bytes | None, bytes | None]]) -> None:
+    def restore(self, entries: Iterable[tuple[bytes, int, bytes | None, bytes | None]]) -> None:
         """Rebuild the index from stored ``(hash, slot, tokens, parent)`` rows, oldest first (disk tier at open)."""
         with self._lock:
             used = set()
@@ -1124,7 +1146,12 @@ class BlockPool:
                 self.policy.insert(h, True)
             self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]
 
-    def _validate_hashes(self, hashes: Sequence[bytes], argument: str) -> list[bytes]:
+    def validate_hashes(self, hashes: Sequence[bytes], argument: str) -> list[bytes]:
+        """``hashes`` as a list of this pool's hash length (a ``SequenceHash`` passes as it is, keeping ``.parent``).
+
+        Raises:
+            ValueError: not a sequence of hashes, or a hash of another type or length (named by ``argument[i]``).
+        """
         if isinstance(hashes, (bytes, bytearray, str)) or not isinstance(hashes, Sequence):
             raise ValueError(f"{argument}: expected a sequence of hashes, got {type(hashes).__name__}")
         n = self.hash_length
@@ -1138,6 +1165,8 @@ class BlockPool:
             if len(h) != n:
                 raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {len(h)}")
         return out
+
+    _validate_hashes = validate_hashes  # the name older callers use
 
     def _check_open(self) -> None:
         if self._closed():

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import KvBlockManagerConfig, RemoteConfig
-from .offload import SnapshotBlock, SnapshotSource
+from .sources import MatchSource, SnapshotBlock, SnapshotSource
 from .storage.remote import RemoteStore
 from .workqueue import WorkQueue
 
@@ -100,6 +100,10 @@ class RemoteTier(SnapshotSource):
         for h in hashes:
             self._known.pop(h, None)
 
+    def known(self, h: bytes) -> bool:
+        """Whether ``h`` was recently written here or seen in a hit (a bounded memory; no round trip)."""
+        return h in self._known
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are sent; False on timeout."""
         return self.queue.drain(timeout)
@@ -113,17 +117,28 @@ class RemoteTier(SnapshotSource):
         self.store.close()
 
     # ---------------------------------------------------------------------------------------------- reads
-    def __contains__(self, h: object) -> bool:
-        # The manager asks every source per hash; the remote tier is only worth a round trip in _match_run.
+    def may_hold(self, sequence_hash: bytes) -> bool:
+        """Always True: only the round trip in :meth:`match_run` can tell (see :meth:`MatchSource.may_hold`)."""
         return True
 
-    def _match_run(
-        self, hashes: list[bytes], start: int, higher: Sequence[Any], expected: list[bytes] | None = None
-    ) -> list[SnapshotBlock]:
+    def __contains__(self, h: object) -> bool:
+        """Whether the servers hold the hash now (one round trip)."""
+        if not isinstance(h, bytes):
+            return False
+        return bool(self.store.exists([h])[0])
+
+    def match_run(
+        self, hashes: list[bytes], start: int, higher: Sequence[MatchSource], expected: list[bytes] | None = None
+    ) -> list[Any]:
+        """See :meth:`MatchSource.match_run`. One pipelined GET of up to ``max_fetch`` hashes.
+
+        Remote values carry no token ids, so ``expected`` cannot be checked here: a remote hit is trusted to the
+        strength of the sequence hash.
+        """
         want: list[bytes] = []
         for i in range(start, min(len(hashes), start + self.max_fetch)):
             h = hashes[i]
-            if want and any(h in p._by_hash for p in higher):
+            if want and any(p.may_hold(h) for p in higher):
                 break
             want.append(h)
         if not want:
@@ -166,7 +181,7 @@ class RemotePoolView:
 
     def match_sequence_hashes(self, hashes: Sequence[bytes]) -> list[SnapshotBlock]:
         """The longest prefix of ``hashes`` the remote tier holds, fetched and verified."""
-        return self._remote._match_run(list(hashes), 0, ())
+        return self._remote.match_run(list(hashes), 0, ())
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:
         """Which hashes the remote tier holds (one pipelined EXISTS; nothing is fetched)."""
