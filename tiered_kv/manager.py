@@ -1,9 +1,18 @@
-"""KvBlockManager: the tiers (device, host, disk) behind one matching interface.
+"""KvBlockManager: the tiers (device, host, disk, and optionally a shared Redis tier) behind one matching interface.
 
-Match looks for each hash in order in the device pool, then host, then disk, and stops at the first miss. Blocks
-found below the top tier are copied up (one batch per source tier) and registered in the top tier; the lower copy
-stays (tiers are inclusive). When a tier evicts, its victims are copied down to the next tier before their slot is
-reused (write-back); disk victims are dropped.
+* Match: the hashes are looked up in the match sources (:mod:`tiered_kv.sources`) in order: device pool, host
+  pool, the snapshots queued toward the disk, the disk pool, the remote tier; the match stops at the first hash no
+  source holds. Runs found below the top tier are copied up (one batch per source, through
+  :meth:`OffloadScheduler.copy <tiered_kv.offload.OffloadScheduler.copy>`) and registered in the top tier; the
+  lower copy stays (tiers are inclusive). Concurrent matches of the same hashes share one promotion.
+* Eviction: a memory tier's victims go down to the next tier before their slot is reused (copied at once between
+  memory tiers, snapshotted and queued for a background writer toward the disk); cleaners copy ahead of need;
+  with ``DiskConfig.writeback_s`` every registration reaches the disk within that time. Disk victims leave the
+  hierarchy (or go to the remote tier in ``write_back`` mode), and their descendants with them (prefix-closed).
+* The manager orchestrates; the offload scheduler (:mod:`tiered_kv.offload`) is the only code that moves bytes.
+
+Lock order (never taken the other way round): a pool's register lock before its pool lock; pool locks top-down
+(device -> host -> disk), since an eviction handler runs under the upper pool's lock and allocates below.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""The one path that moves block bytes between tiers.
+"""The copy primitives that move block bytes between tiers; only the offload scheduler calls them.
 
-Every copy between pools (promotion on match, demotion on eviction, cleaning, explicit swaps and copies) goes
-through :func:`copy_between`, called by the offload scheduler: it picks the path with the fewest copies that the two
-storages' capability flags allow (arena runs, disk reads straight into arena slots, disk writes straight from arena
-slots or snapshots). With CUDA, device<->host copies are issued on a dedicated stream and synchronised with an
-event before the destination block is registered, so a block is never matchable before its bytes have landed.
+* :func:`copy_between` copies held blocks (promotion on match, swaps, ``copy_blocks``, cleaning, writeback), through
+  :meth:`OffloadScheduler.copy <tiered_kv.offload.OffloadScheduler.copy>`;
+* :func:`copy_slots` and :func:`snapshot_slots` copy victims out of their slots inside an eviction handler (under
+  the evicting pool's lock, before the slots are reused): into the next memory tier, or into staging buffers queued
+  toward the disk.
+
+Each picks the path with the fewest copies that the two storages' capability flags allow (one ``copy_`` per run of
+arena slots, disk reads straight into arena slots, disk writes straight from arena slots or snapshots). With CUDA,
+copies are issued on a dedicated stream and synchronised with an event before the destination block is registered,
+so a block is never matchable before its bytes have landed.
 """
 
 from __future__ import annotations
