@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -104,9 +103,7 @@ def test_prefetch_promotes_in_background(tmp_path: Path) -> None:
             fill(b, h)
         disk.release_blocks(disk.register_blocks(blocks, hs))
         bm.prefetch(hs)
-        deadline = time.time() + 5
-        while not all(h in bm.top for h in hs) and time.time() < deadline:
-            time.sleep(0.01)
+        assert bm.wait_for_prefetches(30)
         assert all(h in bm.top for h in hs)
         promotions = bm.metrics()["offload"]["promotions"]
         got = bm.match_sequence_hashes(hs)

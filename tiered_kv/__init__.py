@@ -6,7 +6,7 @@ tokens, and move between tiers so that a returning prefix costs a copy instead o
 
 from .blocks import ImmutableBlock, MutableBlock, UnreleasedBlockWarning
 from .compat.kv_cache import create_kv_cache_manager
-from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, RemoteConfig
+from .config import DiskConfig, KvBlockManagerConfig, LayoutConfig, ModelConfig, OffloadConfig, RemoteConfig
 from .enums import DeviceType, DType, EvictionMode, HashAlgorithm
 from .errors import (
     BlockNotComplete,
@@ -59,6 +59,7 @@ __all__ = [
     "MutableBlock",
     "NotEnoughBlocksAvailable",
     "RemoteConfig",
+    "OffloadConfig",
     "SequenceHash",
     "ShutdownError",
     "TieredKvError",

@@ -21,6 +21,7 @@ __all__ = [
     "DiskConfig",
     "KvBlockManagerConfig",
     "RemoteConfig",
+    "OffloadConfig",
     "DTYPES",
     "LAYOUTS",
     "HASH_ALGORITHMS",
@@ -189,6 +190,40 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    """The offload scheduler's knobs (how blocks move between tiers in the background).
+
+    ``low_watermark``: fraction of each memory tier the cleaner keeps free or clean (its next victims already
+    copied below), so that an allocation rarely waits for a copy; 0 turns cleaning ahead of need off.
+    ``clean_batch``: most blocks one cleaning pass copies.
+    ``max_queued_blocks``: bound of the queue of demotions waiting for the disk, in blocks (None: 512 blocks or
+    256 MiB of snapshots, whichever is more); when it is full, further demotions fall back to the next memory tier
+    or are dropped and counted, serving never waits for the disk.
+    ``writers``: threads writing queued demotions to the disk tier.
+    ``background_cleaning``: False runs no cleaner threads: cleaning happens only when called
+    (:meth:`KvBlockManager.run_cleaner_once <tiered_kv.manager.KvBlockManager.run_cleaner_once>`), which makes a
+    test or a simulation step deterministically.
+    """
+
+    low_watermark: float = 0.25
+    clean_batch: int = 64
+    max_queued_blocks: int | None = None
+    writers: int = 2
+    background_cleaning: bool = True
+
+    def __post_init__(self) -> None:
+        w = self.low_watermark
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
+            raise ConfigError("low_watermark", w, "must be a fraction in [0, 1)")
+        _positive_int("clean_batch", self.clean_batch)
+        if self.max_queued_blocks is not None:
+            _positive_int("max_queued_blocks", self.max_queued_blocks)
+        _positive_int("writers", self.writers)
+        if not isinstance(self.background_cleaning, bool):
+            raise ConfigError("background_cleaning", self.background_cleaning, "must be a bool")
+
+
+@dataclass(frozen=True, kw_only=True)
 class KvBlockManagerConfig:
     """Configuration of a :class:`~tiered_kv.manager.KvBlockManager`; at least one tier must be given.
 
@@ -206,6 +241,7 @@ class KvBlockManagerConfig:
     device_type: str = "auto"
     remote: RemoteConfig | None = None
     worker_id: str | int | None = None
+    offload: OffloadConfig = OffloadConfig()
 
     def __post_init__(self) -> None:
         from .policies import available_policies
@@ -224,6 +260,8 @@ class KvBlockManagerConfig:
             raise ConfigError("disk", self.disk, "must be a DiskConfig or None")
         if self.remote is not None and not isinstance(self.remote, RemoteConfig):
             raise ConfigError("remote", self.remote, "must be a RemoteConfig or None")
+        if not isinstance(self.offload, OffloadConfig):
+            raise ConfigError("offload", self.offload, "must be an OffloadConfig")
         if self.device is None and self.host is None and self.disk is None:
             raise ConfigError("device", None, "at least one of device, host, disk must be given")
         _choice("eviction", self.eviction, available_policies())

@@ -55,6 +55,7 @@ class EventBus:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._delivering = threading.Lock()  # one deliverer at a time: the thread or deliver_now()
 
     @property
     def active(self) -> bool:
@@ -99,6 +100,11 @@ class EventBus:
         while not self._stop:
             self._wake.wait(self._interval)
             self._wake.clear()
+            self.deliver_now()
+
+    def deliver_now(self) -> None:
+        """Deliver every queued event and run the pressure checks on this thread (the dispatcher's step)."""
+        with self._delivering:
             self._deliver()
             self._check_pressure()
 
@@ -132,4 +138,5 @@ class EventBus:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._deliver()
+        with self._delivering:
+            self._deliver()

@@ -118,8 +118,16 @@ class KvBlockManager:
         self._order = [self._pools[t] for t in TIERS if t in self._pools]
         for pool in self._order:
             pool.events = self.events
+        off = config.offload
         self.scheduler = OffloadScheduler(
-            self._order, self._streams, writeback_s=config.disk.writeback_s if config.disk is not None else None
+            self._order,
+            self._streams,
+            writeback_s=config.disk.writeback_s if config.disk is not None else None,
+            low_watermark=off.low_watermark,
+            clean_batch=off.clean_batch,
+            max_queued_blocks=off.max_queued_blocks,
+            workers=off.writers,
+            background_cleaning=off.background_cleaning,
         )
         # Lookup order for matches: each pool, with the snapshots queued toward a disk tier just above it; the
         # remote tier, when configured, last.
@@ -550,6 +558,10 @@ class KvBlockManager:
         hashes = self._order[0].validate_hashes(hashes, "hashes")
         self.scheduler.submit(lambda: self.top.release_blocks(self.match_sequence_hashes(hashes, tokens)))
 
+    def wait_for_prefetches(self, timeout: float | None = None) -> bool:
+        """Wait until every :meth:`prefetch` issued so far has finished; False on timeout."""
+        return self.scheduler.wait_for_prefetches(timeout)
+
     # ------------------------------------------------------------------------------------------ reset and touch
     def reset(self, tiers: Sequence[str] | None = None) -> None:
         """Drop every inactive cached block of the given tiers (all by default; disk rows in one transaction).
@@ -602,6 +614,21 @@ class KvBlockManager:
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
         pool = self._pool_named(tier)
         self.events.watch(pool, threshold, callback)
+
+    # ----------------------------------------------------------------------------------------------- step hooks
+    def run_cleaner_once(self, tier: str | None = None) -> int:
+        """Run the cleaner now, on this thread, until it finds nothing more to copy; returns blocks copied down.
+
+        With ``OffloadConfig(background_cleaning=False)`` this is the only way cleaning happens: tests and
+        simulations step it deterministically. ``tier``: one memory tier ("device", "host"), or every one.
+        """
+        self._check_open()
+        return self.scheduler.run_cleaner_once(None if tier is None else self._pool_named(tier))
+
+    def deliver_events_now(self) -> None:
+        """Deliver every KV event published so far and run the memory-pressure checks, on this thread."""
+        self._check_open()
+        self.events.deliver_now()
 
     def trigger_eviction(self, mode: str = "normal", tier: str | None = None) -> int:
         """Evict inactive blocks of one tier (the top by default) now; victims are demoted as usual.

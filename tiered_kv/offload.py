@@ -198,6 +198,9 @@ class OffloadScheduler:
             snapshots, whichever is more, so that a burst of small blocks is absorbed instead of cut).
         low_watermark: fraction of a memory tier kept free-or-clean by the cleaner.
         workers: writer threads for the disk queue.
+        background_cleaning: run a cleaner thread per memory tier (False: only :meth:`run_cleaner_once`).
+
+    See :class:`tiered_kv.config.OffloadConfig` for what the knobs mean to a user.
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class OffloadScheduler:
         workers: int = 2,
         clean_interval: float = 1.0,
         writeback_s: float | None = None,
+        background_cleaning: bool = True,
     ) -> None:
         self.pools = pools
         self.streams = streams
@@ -225,6 +229,8 @@ class OffloadScheduler:
         self._closing = False
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetches = 0  # submitted and not finished
+        self._prefetch_done = threading.Condition()
         # One copier into each tier at a time (cleaners, writeback, persist, ancestors written ahead of a batch):
         # two copiers of the same hashes would each allocate room below, and the surplus would evict blocks just
         # copied. Reentrant: a copy into the disk first writes the batch's missing ancestors, into the same tier.
@@ -272,7 +278,7 @@ class OffloadScheduler:
                 p.log_registrations(seq, self._wb_kick.set)
             self._spawn(self._writeback_loop, "tiered-kv-writeback")
         for upper, lower in itertools.pairwise(pools):
-            if not upper.storage.persistent:
+            if not upper.storage.persistent and background_cleaning:
                 kick = threading.Event()
                 self._kicks.append(kick)
                 upper.set_pressure_hook(self._reserve(upper), kick.set)
@@ -741,6 +747,29 @@ class OffloadScheduler:
                 except Exception:  # keep the cleaner alive; the failure is logged
                     log.exception("cleaning %s -> %s failed", upper.tier, lower.tier)
 
+    def run_cleaner_once(self, upper: BlockPool | None = None) -> int:
+        """Clean ``upper`` (or every memory tier, top first) on this thread until a pass copies nothing.
+
+        Returns how many blocks were copied down. The step hook behind
+        :meth:`KvBlockManager.run_cleaner_once <tiered_kv.manager.KvBlockManager.run_cleaner_once>`.
+        """
+        copied = 0
+        for up, low in itertools.pairwise(self.pools):
+            if up.storage.persistent or (upper is not None and up is not upper):
+                continue
+            with self.queue.busy():
+                for _ in range(64):
+                    n = self._clean(up, low)
+                    copied += n
+                    if n == 0:
+                        break
+        return copied
+
+    def alive_threads(self) -> int:
+        """How many of the scheduler's threads (cleaners, writeback, writers, prefetch) are running."""
+        threads = [*self._threads, *self.queue.threads()]
+        return sum(t.is_alive() for t in threads)
+
     def _clean(self, upper: BlockPool, lower: BlockPool, budget: int | None = None) -> int:
         """Copy the policy's next victims down while they stay in place; returns how many were copied."""
         want = self._reserve(upper)
@@ -865,7 +894,22 @@ class OffloadScheduler:
             except Exception:
                 log.exception("prefetch failed")
 
-        pool.submit(run)
+        with self._prefetch_done:
+            self._prefetches += 1
+        try:
+            pool.submit(run).add_done_callback(self._prefetch_finished)
+        except RuntimeError:  # shut down meanwhile (close): nothing will run
+            self._prefetch_finished(None)
+
+    def _prefetch_finished(self, _: object) -> None:
+        with self._prefetch_done:
+            self._prefetches -= 1
+            self._prefetch_done.notify_all()
+
+    def wait_for_prefetches(self, timeout: float | None = None) -> bool:
+        """Wait until every prefetch submitted so far has finished (or was cancelled); False on timeout."""
+        with self._prefetch_done:
+            return self._prefetch_done.wait_for(lambda: self._prefetches == 0, timeout)
 
     @property
     def max_queued_blocks(self) -> int:

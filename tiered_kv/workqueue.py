@@ -136,6 +136,10 @@ class WorkQueue(Generic[T]):
                     self._units -= self._size(job)
                     self.cond.notify_all()
 
+    def threads(self) -> list[threading.Thread]:
+        """The worker threads."""
+        return list(self._threads)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no unit is reserved, queued or in progress (busy() sections aside); False on timeout."""
         with self.cond:

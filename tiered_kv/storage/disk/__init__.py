@@ -13,6 +13,7 @@ from ._posix import PosixBackend, probe_direct_io
 from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp
 from .faults import FAULT_KINDS, FaultInjectingBackend
 from .store import FORMAT_VERSION, DiskStore, Entry, read_tier_meta
+from .wrappers import GatedBackend, WrapperBackend
 
 __all__ = [
     "FAULT_KINDS",
@@ -22,8 +23,10 @@ __all__ = [
     "DiskStore",
     "Entry",
     "FaultInjectingBackend",
+    "GatedBackend",
     "IoOp",
     "PosixBackend",
+    "WrapperBackend",
     "kvikio_unavailable_reason",
     "probe_direct_io",
     "read_tier_meta",
