@@ -45,7 +45,6 @@ class RemoteTier(SnapshotSource):
             ssl=remote.ssl,
             ssl_ca_certs=remote.ssl_ca_certs,
         )
-        self._by_hash: dict[bytes, Any] = {}  # nothing is "held" remotely; present for run detection
         self._known: OrderedDict[bytes, None] = OrderedDict()  # recently written or seen hashes (bounded)
         self._known_cap = 1 << 20
         self.hits = 0

@@ -58,6 +58,11 @@ class MatchSource(Protocol):
         ``expected[i]`` when given. Returns held handles; the caller releases them with :meth:`release_blocks`."""
         ...
 
+    def gather(self, blocks: Sequence[Any], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The handles' bytes as one ``(n, *block_shape)`` tensor (into ``out`` when given), and the indices of
+        handles whose bytes failed verification (a source drops those)."""
+        ...
+
     def tokens_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
         """The token bytes each handle was registered with (None where unknown)."""
         ...
