@@ -645,17 +645,19 @@ class OffloadScheduler:
                 return
             self._wb_kick.clear()
             try:
-                self.writeback_now(min_age_s=0.0)
+                self.writeback_now(yield_to_demotions=True)
             except TieredKvError as exc:
                 if not self._stop:
                     log.warning("writeback failed: %s", exc)
             except Exception:
                 log.exception("writeback failed")
 
-    def writeback_now(self, min_age_s: float = 0.0, batch: int = 64) -> int:
+    def writeback_now(self, min_age_s: float = 0.0, batch: int = 64, *, yield_to_demotions: bool = False) -> int:
         """Write every logged registration of the memory tiers that the disk tier lacks; returns blocks written.
 
         ``flush()`` and ``close()`` call it so that a graceful restart is as warm as the disk allows.
+        ``yield_to_demotions``: the background pass lets queued demotions go first, for at most half of
+        ``writeback_s`` in all (a pass under steady load must still end, and keep the ``writeback_s`` promise).
         """
         disk = self._wb_disk
         if disk is None or not self._wb_pools or self.writeback_s is None:
@@ -668,11 +670,13 @@ class OffloadScheduler:
             pending, self._wb_pending = self._wb_pending, []
             inflight = self.inflight.get(disk.tier)
             i = 0
+            # Demotions first, unless waiting longer would break the writeback_s promise: one budget per pass.
+            due = time.monotonic() + (self.writeback_s or 0.0) / 2
             while i < len(pending) and not self._stop:
-                # Demotions first, unless waiting longer would break the writeback_s promise.
-                due = time.monotonic() + (self.writeback_s or 0.0) / 2
-                while self.queue.depth and not self._stop and time.monotonic() < due:
-                    self.queue.wait_idle(0.05)
+                while yield_to_demotions and self.queue.depth and not self._stop:
+                    left = due - time.monotonic()
+                    if left <= 0 or self.queue.wait_idle(left):
+                        break
                 chunk = pending[i : i + batch]
                 i += batch
                 by_pool: dict[str, tuple[BlockPool, list[bytes]]] = {}

@@ -52,7 +52,11 @@ class WorkQueue(Generic[T]):
         self._handle = handle
         self._merge = merge
         self._merge_units = merge_units
-        self._jobs: deque[T] = deque()
+        # Each job and busy() section gets a ticket: drain() waits for what started before it was called, so a
+        # steady stream of new work cannot starve it.
+        self._jobs: deque[tuple[int, T]] = deque()
+        self._running: dict[int, int] = {}  # tickets of jobs and busy() sections in progress -> how many
+        self._tickets = 0
         self._units = 0  # reserved, queued or in progress
         self._busy = 0
         self._stopped = False
@@ -93,7 +97,8 @@ class WorkQueue(Generic[T]):
     def put(self, job: T) -> None:
         """Queue a job whose units were reserved."""
         with self.cond:
-            self._jobs.append(job)
+            self._tickets += 1
+            self._jobs.append((self._tickets, job))
             self._work_cond.notify()
 
     @contextmanager
@@ -101,11 +106,15 @@ class WorkQueue(Generic[T]):
         """Mark work outside the queue (a cleaning pass) that :meth:`drain` must wait for too."""
         with self.cond:
             self._busy += 1
+            self._tickets += 1
+            ticket = self._tickets
+            self._running[ticket] = 1
         try:
             yield
         finally:
             with self.cond:
                 self._busy -= 1
+                del self._running[ticket]
                 self.cond.notify_all()
 
     def _work(self) -> None:
@@ -115,17 +124,19 @@ class WorkQueue(Generic[T]):
                     self._work_cond.wait()
                 if not self._jobs:
                     return
-                job = self._jobs.popleft()
-                # Group what is queued behind it (one write, one commit), up to merge_units.
+                ticket, job = self._jobs.popleft()
+                # Group what is queued behind it (one write, one commit), up to merge_units. The merged job
+                # carries the first ticket: drain() waits for it as long as for any of the merged ones.
                 if self._merge is not None:
                     units = self._size(job)
-                    while self._jobs and units + self._size(self._jobs[0]) <= self._merge_units:
-                        merged = self._merge(job, self._jobs[0])
+                    while self._jobs and units + self._size(self._jobs[0][1]) <= self._merge_units:
+                        merged = self._merge(job, self._jobs[0][1])
                         if merged is None:
                             break
-                        units += self._size(self._jobs.popleft())
+                        units += self._size(self._jobs.popleft()[1])
                         job = merged
                 self._busy += 1
+                self._running[ticket] = self._running.get(ticket, 0) + 1
             try:
                 self._handle(job)
             except Exception:  # a worker must survive anything; the handler counts its own failures
@@ -133,6 +144,11 @@ class WorkQueue(Generic[T]):
             finally:
                 with self.cond:
                     self._busy -= 1
+                    left = self._running[ticket] - 1
+                    if left:
+                        self._running[ticket] = left
+                    else:
+                        del self._running[ticket]
                     self._units -= self._size(job)
                     self.cond.notify_all()
 
@@ -145,11 +161,19 @@ class WorkQueue(Generic[T]):
         with self.cond:
             return self.cond.wait_for(lambda: self._units == 0, timeout)
 
+    def _pending_through(self, ticket: int) -> bool:
+        """Whether a job or busy() section with a ticket up to ``ticket`` is queued or in progress. Lock held."""
+        if self._jobs and self._jobs[0][0] <= ticket:  # FIFO: the oldest queued job has the lowest ticket
+            return True
+        return any(t <= ticket for t in self._running)
+
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until no job is queued or in progress and no :meth:`busy` section runs; False on timeout."""
+        """Wait until every job queued and every :meth:`busy` section started before this call has finished;
+        False on timeout. Work that starts meanwhile is not waited for (a steady stream cannot starve it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while self._jobs or self._busy:
+            through = self._tickets
+            while self._pending_through(through):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -161,7 +185,7 @@ class WorkQueue(Generic[T]):
         self.drain(timeout)
         with self.cond:
             self._stopped = True
-            dropped = list(self._jobs)
+            dropped = [job for _, job in self._jobs]
             self._jobs.clear()
             self._units -= sum(self._size(j) for j in dropped)
             self.cond.notify_all()
