@@ -98,7 +98,6 @@ class BlockPool:
         self._lock = threading.Lock()
         self._persistent = storage.persistent
         self._register_lock = threading.Lock() if storage.persistent else None
-        self._room = threading.Condition(self._lock)
         self._n = n
         self._free: list[int] = list(range(n - 1, -1, -1))  # a stack: low slots first
         self._state = [_FREE] * n
@@ -424,8 +423,6 @@ class BlockPool:
             count = min(count, self.policy.evictable_count())
             victims = self._evict_locked(count) if count > 0 else []
             self._free.extend(slot for _, slot in victims)
-            if victims:
-                self._room.notify_all()
             return victims
 
     async def allocate_blocks_async(self, n: int, timeout: float | None = None) -> list[MutableBlock]:
@@ -662,7 +659,6 @@ class BlockPool:
         tokens = self._tokens
         slot_hash = self._slot_hash
         policy = self.policy
-        freed = False
         out = []
         stored = []
         if orphans is None:
@@ -708,10 +704,7 @@ class BlockPool:
                 state[slot] = _FREE
                 self.storage.drop_stage(slot)
                 self._free.append(slot)
-                freed = True
                 out.append(ImmutableBlock(self, existing, gen[existing], h))
-        if freed:
-            self._room.notify_all()
         if stored:
             present = self._parent_present
             if present is not None and self._on_removed is not None:
@@ -844,7 +837,6 @@ class BlockPool:
         with self._lock:
             if self._pending:
                 self._drain_pending()
-            freed = False
             refs, pins, state, gen = self._refs, self._pins, self._state, self._gen
             policy = self.policy
             for b in blocks:
@@ -864,11 +856,8 @@ class BlockPool:
                                 policy.set_evictable_as_victim(b.sequence_hash)
                             else:
                                 policy.set_evictable(b.sequence_hash, True)
-                            freed = True
                     continue
-                freed |= self._release_slot(type(b) is MutableBlock, slot, b._gen)
-            if freed:
-                self._room.notify_all()
+                self._release_slot(type(b) is MutableBlock, slot, b._gen)
 
     def _release_slot(self, mutable: bool, slot: int, gen: int) -> bool:
         """Drop one hold on ``slot``; returns whether room was made."""
@@ -908,8 +897,7 @@ class BlockPool:
         pending = self._pending
         while pending:
             kind, slot, gen = pending.popleft()
-            if self._release_slot(kind == 1, slot, gen):
-                self._room.notify_all()
+            self._release_slot(kind == 1, slot, gen)
 
     # ------------------------------------------------------------------------------------------------- pinning
     def pin_blocks(self, blocks: Sequence[ImmutableBlock | bytes]) -> None:
@@ -932,10 +920,8 @@ class BlockPool:
             for slot in slots:
                 p = self._pins[slot] - 1
                 self._pins[slot] = p
-                if p == 0 and self._refs[slot] == 0:
-                    if self._state[slot] == _REGISTERED:
-                        self.policy.set_evictable(self._slot_hash[slot], True)
-                    self._room.notify_all()
+                if p == 0 and self._refs[slot] == 0 and self._state[slot] == _REGISTERED:
+                    self.policy.set_evictable(self._slot_hash[slot], True)
 
     def _slots_of(self, blocks: Sequence[ImmutableBlock | bytes]) -> list[int]:
         slots = []
@@ -1043,7 +1029,6 @@ class BlockPool:
                 if self._on_removed is not None:
                     self._on_removed([h for h, _ in dropped])
                 self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
-                self._room.notify_all()
                 if self.events is not None and self.events.active:
                     self.events.publish("removed", self.tier, [h for h, _ in dropped])
             return len(dropped)
@@ -1080,7 +1065,6 @@ class BlockPool:
                 self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
                 if self.events is not None and self.events.active:
                     self.events.publish("removed", self.tier, [h for h, _ in dropped])
-            self._room.notify_all()
 
     def compact(self) -> int:
         """Move stored blocks into the lowest slots so the storage can shrink (the disk tier); returns the moves.
