@@ -1131,7 +1131,7 @@ class BlockPool:
             self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]
 
     def validate_hashes(self, hashes: Sequence[bytes], argument: str) -> list[bytes]:
-        """``hashes`` as a list of this pool's hash length (a ``SequenceHash`` passes as it is, keeping ``.parent``).
+        """``hashes`` as a list of plain ``bytes`` of this pool's hash length (bytes subclasses and buffers converted).
 
         Raises:
             ValueError: not a sequence of hashes, or a hash of another type or length (named by ``argument[i]``).
@@ -1140,15 +1140,19 @@ class BlockPool:
             raise ValueError(f"{argument}: expected a sequence of hashes, got {type(hashes).__name__}")
         n = self.hash_length
         out = list(hashes)
+        # Batch checks at C speed; the per-hash loop below only runs to name the first bad one.
+        types = set(map(type, out))
+        if types - {bytes} and all(issubclass(t, (bytes, bytearray, memoryview)) for t in types):
+            out = list(map(bytes, out))  # SequenceHash, BlockHash, bytearray...: plain bytes (parents taken before)
+            types = {bytes}
+        if types <= {bytes} and set(map(len, out)) <= {n}:
+            return out
         for i, h in enumerate(out):
-            if type(h) is not bytes:
-                if isinstance(h, (bytes, bytearray, memoryview)):  # bytes subclasses too (BlockHash)
-                    h = out[i] = bytes(h)
-                elif not isinstance(h, bytes):  # a SequenceHash passes as it is (it carries .parent)
-                    raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
+            if not isinstance(h, (bytes, bytearray, memoryview)):
+                raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
             if len(h) != n:
                 raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {len(h)}")
-        return out
+        raise AssertionError("unreachable")  # pragma: no cover
 
     _validate_hashes = validate_hashes  # the name older callers use
 
