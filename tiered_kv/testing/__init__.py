@@ -41,6 +41,7 @@ __all__ = [
     "BUILTIN_SPECS",
     "BackendConformance",
     "BlockStorageTests",
+    "DiskPoolStateMachine",
     "EvictionPolicyTests",
     "LruReference",
     "PolicySpec",
@@ -61,6 +62,7 @@ _WHERE = {
     "BackendConformance": "disk",
     "RemoteStoreTests": "remote",
     "PoolStateMachine": "pool_machine",
+    "DiskPoolStateMachine": "pool_machine",
 }
 
 

@@ -565,8 +565,8 @@ class EvictionPolicyTests:
             pool.release_blocks(pool.register_blocks([blk], [h]))
             registered.append(h)
             if i % 2:
-                hit = pool.match_sequence_hashes([registered[-2]])  # a hit on the previous block
-                pool.release_blocks(hit)
+                hits = pool.match_sequence_hashes([registered[-2]])  # a hit on the previous block
+                pool.release_blocks(hits)
         present = [h for h in registered if h in pool]
         assert len(present) == min(self.capacity, len(registered))
         for h in present:
