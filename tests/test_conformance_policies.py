@@ -11,8 +11,15 @@ import pytest
 from hypothesis import Phase
 
 from tiered_kv import KvBlockManager, KvBlockManagerConfig, LayoutConfig, register_eviction_policy
-from tiered_kv.policies import EvictionPolicy, LRUPolicy
-from tiered_kv.testing import BUILTIN_SPECS, ArcReference, EvictionPolicyTests, PolicySpec, RegisteredPolicyTests
+from tiered_kv.policies import EvictionPolicy, LRUPolicy, predicate_policy
+from tiered_kv.testing import (
+    BUILTIN_SPECS,
+    ArcReference,
+    EvictionPolicyTests,
+    LruReference,
+    PolicySpec,
+    RegisteredPolicyTests,
+)
 from tiered_kv.testing._data import SMALL_MODEL, block_bytes, hashes
 
 
@@ -111,9 +118,30 @@ class TestUserFifoPolicy(EvictionPolicyTests):
     spec = FIFO_SPEC
 
 
+class TestPredicatePolicy(EvictionPolicyTests):
+    """Seed 001's predicate form (not registered by default): victims the predicate approves first."""
+
+    spec = PolicySpec(predicate_policy(lambda meta: meta.access_count < 2))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PredicatePolicy keeps the default set_evictable_as_victim, which counts a mover's hold as a use: a block "
+    "held only to be copied down re-enters at the most recent end instead of among the next victims "
+    "(tiered_kv/policies/predicate.py; LRUPolicy and ARCPolicy override it)",
+)
+def test_predicate_policy_approving_all_is_lru() -> None:
+    """With a predicate that approves every block, the predicate policy must decide exactly as LRU does."""
+    spec = PolicySpec(predicate_policy(lambda meta: True), exact_candidates=True, reference=LruReference)
+    _QuickFifoSuite().test_random_operations_against_model(policy_spec=spec)
+
+
 class _QuickFifoSuite(EvictionPolicyTests):
     # Report the first failure found, unshrunk: shrinking is what a user wants, not this test.
-    hypothesis_settings: ClassVar[dict[str, Any]] = {"phases": [Phase.explicit, Phase.reuse, Phase.generate], "database": None}
+    hypothesis_settings: ClassVar[dict[str, Any]] = {
+        "phases": [Phase.explicit, Phase.reuse, Phase.generate],
+        "database": None,
+    }
 
 
 def test_arc_reference_tells_arc_from_lru() -> None:

@@ -41,7 +41,7 @@ class TestDiskStorage(BlockStorageTests):
 
 class TestDiskStorageDirect(TestDiskStorage):
     direct = True
-    max_examples = 10  # O_DIRECT I/O: fewer random runs
+    max_examples = 6  # O_DIRECT I/O: fewer random runs
 
     @pytest.fixture(autouse=True)
     def _needs_direct(self, tmp_path: Path) -> None:

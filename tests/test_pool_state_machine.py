@@ -5,11 +5,14 @@ The machine keeps its own dict model and uses the public pool API only (see ``ti
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 
 from tiered_kv.testing import DiskPoolStateMachine, PoolStateMachine
 
-_FAST = settings(max_examples=40, stateful_step_count=40, deadline=None)
+_FAST = settings(max_examples=30, stateful_step_count=40, deadline=None)
+#: python -m pytest -m slow tests/test_pool_state_machine.py: the same machines, searched ten times longer.
+_DEEP = settings(max_examples=300, stateful_step_count=50, deadline=None)
 
 
 class ArcContiguous(PoolStateMachine):
@@ -41,3 +44,13 @@ TestNoEviction = NoEviction.TestCase
 TestNoEviction.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
 TestDiskLru = DiskLru.TestCase
 TestDiskLru.settings = settings(max_examples=15, stateful_step_count=30, deadline=None)
+
+
+@pytest.mark.slow
+class TestDeepArc(ArcContiguous.TestCase):  # type: ignore[misc,valid-type]
+    settings = _DEEP
+
+
+@pytest.mark.slow
+class TestDeepLru(LruLayerSeparate.TestCase):  # type: ignore[misc,valid-type]
+    settings = _DEEP

@@ -79,3 +79,7 @@ def __getattr__(name: str) -> Any:
             ) from exc
         raise
     return getattr(mod, name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

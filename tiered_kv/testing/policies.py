@@ -438,7 +438,7 @@ class EvictionPolicyTests:
     spec: ClassVar[PolicySpec | None] = None
     capacity: ClassVar[int] = CAPACITY
     #: Hypothesis examples of the random-operations test.
-    max_examples: ClassVar[int] = 50
+    max_examples: ClassVar[int] = 25
     #: More ``hypothesis.settings`` arguments for the random-operations test (e.g. ``phases``).
     hypothesis_settings: ClassVar[dict[str, Any]] = {}
 

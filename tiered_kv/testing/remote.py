@@ -48,7 +48,7 @@ class RemoteStoreTests:
     #: Socket timeout of the stores the suite opens (seconds).
     timeout: ClassVar[float] = 2.0
     #: Hypothesis examples of the random-operations test.
-    max_examples: ClassVar[int] = 20
+    max_examples: ClassVar[int] = 10
 
     @pytest.fixture
     def remote_url(self) -> str | list[str]:

@@ -150,7 +150,7 @@ class BlockStorageTests:
 
     num_blocks: ClassVar[int] = 8
     #: Hypothesis examples of the random-operations test.
-    max_examples: ClassVar[int] = 25
+    max_examples: ClassVar[int] = 12
 
     def make_storage(self, model: ModelConfig, num_blocks: int, path: Path) -> BlockStorage:
         """A new, empty storage of ``num_blocks`` slots of ``model`` (``path``: a fresh directory it may use)."""
