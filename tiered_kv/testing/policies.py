@@ -335,7 +335,10 @@ class _Driver:
 
     def release(self, key: Hashable, as_victim: bool = False) -> None:
         if self.model.get(key) is False:
-            self._all("set_evictable_as_victim" if as_victim else "set_evictable", key, *(() if as_victim else (True,)))
+            if as_victim:
+                self._all("set_evictable_as_victim", key)
+            else:
+                self._all("set_evictable", key, True)
             self.model[key] = True
 
     def evict(self) -> Hashable | None:
@@ -403,7 +406,7 @@ class _Driver:
             self.remove(b"unknown-%d" % op[1])
         elif name == "clear":
             self.clear()
-        elif name in ("evict",):
+        elif name == "evict":
             self.evict()
         elif name in ("candidates", "take_candidates"):
             getattr(self, name)(op[1] % (self.capacity + 2) + (name == "take_candidates"))
