@@ -124,12 +124,6 @@ class TestPredicatePolicy(EvictionPolicyTests):
     spec = PolicySpec(predicate_policy(lambda meta: meta.access_count < 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PredicatePolicy keeps the default set_evictable_as_victim, which counts a mover's hold as a use: a block "
-    "held only to be copied down re-enters at the most recent end instead of among the next victims "
-    "(tiered_kv/policies/predicate.py; LRUPolicy and ARCPolicy override it)",
-)
 def test_predicate_policy_approving_all_is_lru() -> None:
     """With a predicate that approves every block, the predicate policy must decide exactly as LRU does."""
     spec = PolicySpec(predicate_policy(lambda meta: True), exact_candidates=True, reference=LruReference)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from kvdata import SMALL
-from test_sources import MatchSourceTests, SourceEntry
 
 from tiered_kv import KvBlockManagerConfig, LayoutConfig, RemoteConfig
 from tiered_kv.remote import RemoteTier
 from tiered_kv.sources import MatchSource
+from tiered_kv.testing import MatchSourceTests, SourceEntry
 
 from .redis_servers import RedisCluster, RedisServer
 

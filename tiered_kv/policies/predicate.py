@@ -110,6 +110,13 @@ class PredicatePolicy(EvictionPolicy):
             if meta is not None:
                 self._held[key] = meta
 
+    def set_evictable_as_victim(self, key: Hashable) -> None:
+        # A mover's hold (copying the block down) is not a use: the block goes back among the next victims.
+        held = key in self._held
+        self.set_evictable(key, True)
+        if held:
+            self._lru.move_to_end(key, last=False)
+
     def evict(self) -> Hashable | None:
         if not self._lru:
             return None

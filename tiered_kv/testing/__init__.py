@@ -16,6 +16,8 @@ BackendConformance        a disk backend under the disk store (round trips, rest
                           locking, layout checks, grow/shrink, verify/repair)
 RemoteStoreTests          a Redis (single server or cluster) remote store             ``remote_url`` fixture
 PoolStateMachine          a pool (any tier, any policy) through the public pool API   ``make_manager()``
+MatchSourceTests          a match source (pool, queued snapshots, remote tier):       ``open_source(...)``
+                          runs, higher tiers, expected tokens, bytes, parents
 ========================  ==========================================================  ===========================
 
 Example (``tests/test_my_policy.py``)::
@@ -27,8 +29,6 @@ Example (``tests/test_my_policy.py``)::
 
 then ``pytest tests/test_my_policy.py``. The suites need pytest and hypothesis: ``pip install tiered_kv[testing]``.
 
-Match sources (where a cross-tier match looks for blocks) have no suite yet: their protocol is being defined;
-a ``MatchSourceTests`` belongs in ``tiered_kv/testing/match_sources.py`` once it is public.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ __all__ = [
     "DiskPoolStateMachine",
     "EvictionPolicyTests",
     "LruReference",
+    "MatchSourceTests",
     "PolicySpec",
     "PoolStateMachine",
     "RegisteredPolicyTests",
     "RemoteStoreTests",
+    "SourceEntry",
 ]
 
 # Imported on first use, so that ``import tiered_kv.testing`` works (and says what is missing) without pytest.
@@ -63,6 +65,8 @@ _WHERE = {
     "RemoteStoreTests": "remote",
     "PoolStateMachine": "pool_machine",
     "DiskPoolStateMachine": "pool_machine",
+    "MatchSourceTests": "match_sources",
+    "SourceEntry": "match_sources",
 }
 
 
