@@ -14,6 +14,7 @@ import torch
 
 from .enums import plain
 from .errors import ConfigError
+from .hashing import HASH_LENGTHS
 
 __all__ = [
     "ModelConfig",
@@ -37,7 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 LAYOUTS = ("fully_contiguous", "layer_separate")
-HASH_ALGORITHMS = ("sha256", "xxh3_128")
+HASH_ALGORITHMS = tuple(HASH_LENGTHS)  # the hash algorithms, in the one table of their digest lengths
 BACKENDS = ("auto", "posix", "kvikio")
 DURABILITIES = ("sync", "batch", "none")
 DEVICE_TYPES = ("auto", "cuda", "cpu")
