@@ -123,7 +123,7 @@ class RemoteTier(SnapshotSource):
         want: list[bytes] = []
         for i in range(start, min(len(hashes), start + self.max_fetch)):
             h = hashes[i]
-            if want and any(h in p._by_hash for p in higher):
+            if want and any(h in p for p in higher):  # a higher source holds the rest of the run
                 break
             want.append(h)
         if not want:

@@ -22,7 +22,8 @@ Handle = MutableBlock | ImmutableBlock
 
 
 class Block:
-    """A block of a facade's tier, by integer id (seed 000's ``Block``, seed 002's ``CacheBlock``).
+    """A block of a facade's tier, by integer id (``Block`` of the BlockPoolManager API, ``CacheBlock`` of the
+    PrefixCacheManager API).
 
     A view, not a reference: what it reports is read from the pool when asked.
     """
@@ -40,7 +41,7 @@ class Block:
 
     @property
     def state(self) -> BlockState:
-        """FREE, ALLOCATED, CACHED or PINNED (seed 000's priority order)."""
+        """FREE, ALLOCATED, CACHED or PINNED (in priority order: PINNED > CACHED > ALLOCATED > FREE)."""
         return self._table.pool.block_state(self.block_id)
 
     @property
