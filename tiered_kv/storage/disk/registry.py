@@ -272,7 +272,7 @@ class Registry:
         with translated("reading a block row"), self._begin_read() as txn:
             raw = txn.get(key, db=self._blocks_db)
         row = None if raw is None else _unpack_row(raw)
-        return pad_row(row) if is_row(row) else None
+        return pad_row(cast(Row, row)) if is_row(row) else None
 
     def commit(
         self,

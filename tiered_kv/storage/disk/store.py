@@ -305,6 +305,9 @@ class DiskStore:
         self.block_size = model.block_size_bytes
         self.corrupt_count = 0
 
+        # Lock order: _commit_lock before _lock, never the other way. Callers' locks come first: the disk pool
+        # calls in with its own locks held (its register lock around write_blocks/commit_written, its pool lock
+        # around delete/touch), so nothing here may call back into a pool.
         self._lock = threading.Lock()  # in-memory maps; never held across I/O or commits
         self._commit_lock = threading.Lock()  # serialises registry write transactions and their map updates
         self._rows: dict[bytes, Row] = {}
