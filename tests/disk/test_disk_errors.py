@@ -111,6 +111,6 @@ def test_a_missing_data_file_is_a_disk_tier_error_naming_it(tmp_path: Path) -> N
     path = tmp_path / "tier"
     _make(path)
     (path / "data-003.bin").unlink()
-    with pytest.raises(DiskTierError, match="data-003.bin") as info:
+    with pytest.raises(DiskTierError, match=r"data-003\.bin") as info:
         _open(path, readonly=True)
     assert isinstance(info.value.__cause__, FileNotFoundError)
