@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..blocks import ImmutableBlock, MutableBlock
 from ..errors import InvalidBlockError
 from ..pool import BlockPool, BlockState
+
+if TYPE_CHECKING:
+    from ..manager import KvBlockManager
 
 __all__ = ["Block", "HandleTable"]
 
@@ -142,6 +146,15 @@ class HandleTable:
             out = [h for held in self._held.values() for h in held]
             self._held.clear()
             return out
+
+    def close(self, manager: KvBlockManager, *, owns_manager: bool) -> None:
+        """A facade's ``close``: release every held handle (while the manager is open), then close the manager if
+        the facade created it. Idempotent."""
+        handles = self.drain()
+        if not manager.closed:
+            self.pool.release_blocks(handles)
+        if owns_manager:
+            manager.close()
 
     def held_ids(self) -> list[int]:
         """Ids with at least one held reference."""
