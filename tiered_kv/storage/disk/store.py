@@ -974,9 +974,13 @@ class DiskStore:
                         self._pending_touch.add(h)
 
     # -- reads ------------------------------------------------------------------------------------
-    def _alloc(self, n: int) -> torch.Tensor:
+    def alloc_blocks(self, n: int) -> torch.Tensor:
+        """A new ``[n, *block_shape]`` CPU tensor in the model dtype, 4 KiB-aligned (reads into it skip the bounce
+        copy under O_DIRECT); its contents are undefined."""
         raw = aligned_empty(n * self.block_size)
         return raw.view(self.model.torch_dtype).reshape(n, *self.model.block_shape)
+
+    _alloc = alloc_blocks  # the old private name (storage/disk_tier.py still calls it)
 
     def _read_verify(self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor | list[torch.Tensor]) -> list[int]:
         """Read ``items`` into ``out`` (a batch, or one flat uint8 view per block); return the indices that failed."""
