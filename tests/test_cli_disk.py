@@ -331,6 +331,30 @@ def test_reads_while_a_writer_holds_the_tier(live_writer: tuple[Path, subprocess
     assert proc.stdout is not None and proc.stdout.readline().strip().isdigit()
 
 
+def test_commands_needing_the_writer_lock_exit_3_naming_the_holder(tier: Tier) -> None:
+    """The lock is held through another open file description, as another process would hold it."""
+    import fcntl
+
+    fd = os.open(tier.path / "writer.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"pid=4242 host=elsewhere\n", 0)
+        before = fingerprint_files(tier.path)
+        repair, compact, read = cli_many(
+            ["disk", "verify", str(tier.path), "--repair"],
+            ["disk", "compact", str(tier.path)],
+            ["disk", "verify", str(tier.path)],
+        )
+    finally:
+        os.close(fd)
+    for r in (repair, compact):
+        assert_one_line_error(
+            r, 3, f"disk tier {tier.path} is already open for writing by pid=4242 host=elsewhere", "writer lock"
+        )
+    assert read.rc == 0 and "all good" in read.out, (read.out, read.err)  # readers need no lock
+    assert fingerprint_files(tier.path) == before
+
+
 def test_bad_input(tmp_path: Path, tier: Tier) -> None:
     (tmp_path / "empty").mkdir()
 

@@ -1,7 +1,9 @@
 """tiered_kv: a KV cache bigger than GPU memory.
 
-KV blocks live in up to three tiers (device, pinned host, NVMe), are found again by a chained hash of their
-tokens, and move between tiers so that a returning prefix costs a copy instead of a prefill.
+KV blocks live in up to four tiers (device, pinned host, NVMe disk, and a remote tier in Redis shared across
+nodes), are found again by a chained hash of their tokens, and move between tiers so that a returning prefix costs
+a copy instead of a prefill. The disk tier survives restarts; the remote tier is shared by every manager with the
+same model fingerprint and namespace.
 """
 
 from .blocks import ImmutableBlock, MutableBlock, UnreleasedBlockWarning
@@ -18,8 +20,10 @@ from .errors import (
     InvalidBlockError,
     LayoutMismatchError,
     NotEnoughBlocksAvailable,
+    RemoteTierError,
     ShutdownError,
     TieredKvError,
+    TierLockedError,
 )
 from .hashing import SequenceHash, compute_cache_keys, compute_prefix_match, compute_sequence_hashes
 from .manager import KvBlockManager, UnclosedManagerWarning
@@ -60,8 +64,10 @@ __all__ = [
     "NotEnoughBlocksAvailable",
     "RemoteConfig",
     "OffloadConfig",
+    "RemoteTierError",
     "SequenceHash",
     "ShutdownError",
+    "TierLockedError",
     "TieredKvError",
     "UnclosedManagerWarning",
     "UnreleasedBlockWarning",

@@ -14,6 +14,7 @@ import torch
 
 from .enums import plain
 from .errors import ConfigError
+from .hashing import HASH_LENGTHS
 
 __all__ = [
     "ModelConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "DTYPES",
     "LAYOUTS",
     "HASH_ALGORITHMS",
+    "dtype_name",
 ]
 
 #: Supported KV dtypes by name.
@@ -38,10 +40,24 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 LAYOUTS = ("fully_contiguous", "layer_separate")
-HASH_ALGORITHMS = ("sha256", "xxh3_128")
+HASH_ALGORITHMS = tuple(HASH_LENGTHS)  # the hash algorithms, in the one table of their digest lengths
 BACKENDS = ("auto", "posix", "kvikio")
 DURABILITIES = ("sync", "batch", "none")
 DEVICE_TYPES = ("auto", "cuda", "cpu")
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The name :class:`ModelConfig` takes for a KV dtype: ``torch.bfloat16``, ``"torch.bfloat16"`` and
+    ``"bfloat16"`` (or a :class:`~tiered_kv.enums.DType` member) all give ``"bfloat16"``.
+
+    Raises:
+        ConfigError: not one of the supported dtypes (:data:`DTYPES`).
+    """
+    name = plain(dtype) if isinstance(dtype, str) else str(dtype)
+    name = name.removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError("dtype", dtype, f"has no tiered_kv equivalent (supported: {', '.join(DTYPES)})")
+    return name
 
 
 def _positive_int(field: str, value: object) -> None:
@@ -227,8 +243,8 @@ class OffloadConfig:
 class KvBlockManagerConfig:
     """Configuration of a :class:`~tiered_kv.manager.KvBlockManager`; at least one tier must be given.
 
-    ``worker_id`` names this manager in exported blocksets (seed 004's runtime ``worker_id``); None gives
-    ``host:pid:id``, unique per manager object.
+    ``worker_id`` names this manager in the blocksets it exports (``export_local_blockset``), so that peers can tell
+    whose blocks they hold; None gives ``host:pid:id``, unique per manager object.
     """
 
     model: ModelConfig

@@ -1,21 +1,30 @@
-"""The tiered_kv exception tree.
+"""The tiered_kv exception tree: every error the library raises on purpose, in one module.
 
-Every error the library raises on purpose derives from :class:`TieredKvError`::
+Every one derives from :class:`TieredKvError`::
 
     TieredKvError
     ├── ConfigError (also ValueError)     bad configuration value; names the field and the value
     ├── BlockPoolError                    misuse of a pool or a block
     │   ├── NotEnoughBlocksAvailable      allocation could not be satisfied (.requested, .available)
     │   └── InvalidBlockError             released/foreign/wrong-state block, bad hash, policy misbehaviour
-    │       └── BlockNotComplete          registering a block whose data was never written (seed 001)
+    │       └── BlockNotComplete          registering a mutable block nothing was written into
     ├── DiskTierError                     anything the disk tier could not do (OS and LMDB errors end here)
     │   ├── LayoutMismatchError           existing tier written for another model/hash/namespace
     │   ├── CorruptBlockError             block bytes failed their checksum
-    │   └── DiskFullError                 ENOSPC, or the registry map is full
+    │   ├── DiskFullError                 ENOSPC/EDQUOT, or the registry map is full
+    │   └── TierLockedError               another opener holds the tier's writer lock (.holder)
+    ├── RemoteTierError                   the remote tier was misused (bad hash or tensor, closed store)
     └── ShutdownError                     the manager was closed
 
-OS, LMDB and kvikio errors are translated where they are caught (``raise DiskTierError(...) from exc``);
-they never leak raw and are never swallowed.
+Backend errors are translated where they cross into tiered_kv, each boundary in one function, and chained
+(``raise X(...) from exc``): never leaked raw, never swallowed.
+
+* Disk: :func:`tiered_kv.storage.disk._errors.disk_error` maps ``OSError`` (kvikio failures arrive as ``OSError``
+  too: the kvikio backend converts them) and ``lmdb.Error`` to :class:`DiskFullError`, :class:`TierLockedError`
+  or :class:`DiskTierError`.
+* Remote: Redis failures (connection errors, timeouts, error replies) are not raised at all: the remote tier turns
+  them into misses and dropped writes, counted in its metrics (``tiered_kv.storage.remote._cluster``). Only
+  caller mistakes raise :class:`RemoteTierError`.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ __all__ = [
     "LayoutMismatchError",
     "CorruptBlockError",
     "DiskFullError",
+    "TierLockedError",
+    "RemoteTierError",
     "ShutdownError",
 ]
 
@@ -94,6 +105,31 @@ class CorruptBlockError(DiskTierError):
 
 class DiskFullError(DiskTierError):
     """The disk (ENOSPC) or the registry map is full."""
+
+
+class TierLockedError(DiskTierError):
+    """Another opener holds the disk tier's writer lock (one writer per tier; read-only openers need none).
+
+    Attributes:
+        path: the tier directory.
+        holder: what the holder wrote into the lock file (``"pid=N host=H"``), or ``"an unknown process"``.
+    """
+
+    def __init__(self, path: str, holder: str, detail: str = "") -> None:
+        self.path = path
+        self.holder = holder
+        self.detail = detail
+        super().__init__(f"disk tier {path} is already open for writing by {holder}{'; ' + detail if detail else ''}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.path, self.holder, self.detail))
+
+
+class RemoteTierError(TieredKvError):
+    """The remote tier was misused (bad hash, wrong tensor shape, closed store).
+
+    Remote failures (unreachable, slow, corrupt values) are never raised: they are misses or dropped writes.
+    """
 
 
 class ShutdownError(TieredKvError):

@@ -61,6 +61,8 @@ __all__ = [
     "compute_sequence_hashes",
     "compute_prefix_match",
     "compute_cache_keys",
+    "HASH_LENGTHS",
+    "check_hash",
     "hash_length",
     "validate_hashes",
 ]
@@ -160,7 +162,8 @@ ExtraKey: TypeAlias = "str | bytes | int | np.integer[Any] | tuple[str | bytes |
 
 RequestId = TypeVar("RequestId", bound=Hashable)
 
-_DIGEST_SIZES: dict[str, int] = {"sha256": 32, "xxh3_128": 16}
+#: Digest length in bytes of each hash algorithm: the one table of them (:func:`hash_length` looks names up here).
+HASH_LENGTHS: Mapping[str, int] = {"sha256": 32, "xxh3_128": 16}
 _ROOT_MAGIC = b"tiered_kv.seqhash.v1\0"
 _TOKEN_LIMIT = 2**32
 
@@ -190,10 +193,10 @@ def hash_length(algorithm: str) -> int:
         ValueError: the algorithm is unknown.
     """
     try:
-        return _DIGEST_SIZES[plain(algorithm)]
+        return HASH_LENGTHS[plain(algorithm)]
     except (KeyError, TypeError):
         raise ValueError(
-            f"algorithm: unknown hash algorithm {algorithm!r} (expected one of {', '.join(map(repr, _DIGEST_SIZES))})"
+            f"algorithm: unknown hash algorithm {algorithm!r} (expected one of {', '.join(map(repr, HASH_LENGTHS))})"
         ) from None
 
 
@@ -363,18 +366,54 @@ def validate_hashes(hashes: Sequence[Any], algorithm: str, argument: str = "hash
     # Fast path: the common case is already a list of bytes of the right length; both checks run in C.
     if set(map(type, hashes)) <= _HASH_TYPES and set(map(len, hashes)) <= {size}:
         return list(hashes)
-    out: list[bytes] = []
-    for i, h in enumerate(hashes):
-        if isinstance(h, bytes):
-            b = h
-        elif isinstance(h, (bytearray, memoryview)):
-            b = bytes(h)
-        else:
-            raise ValueError(f"{argument}[{i}]: expected {size} bytes, got {type(h).__name__}")
-        if len(b) != size:
-            raise ValueError(f"{argument}[{i}]: expected {size} bytes, got {len(b)}")
-        out.append(b)
-    return out
+    return [_checked(h, size, f"{argument}[{i}]") for i, h in enumerate(hashes)]
+
+
+def plain_hashes(hashes: Sequence[Any], size: int, argument: str = "hashes") -> list[bytes]:
+    """Check a sequence of ``size``-byte block hashes and return them as a list of plain ``bytes``.
+
+    What a pool stores: bytes subclasses (:class:`SequenceHash`, whose parent the caller took already) and
+    buffers become plain ``bytes``, so that a stored key never keeps a chain of parents alive.
+
+    Raises:
+        ValueError: not a sequence, or an element not bytes-like or of another length (named by ``argument[i]``).
+    """
+    if isinstance(hashes, (bytes, bytearray, str)) or not isinstance(hashes, Sequence):
+        raise ValueError(f"{argument}: expected a sequence of hashes, got {type(hashes).__name__}")
+    out = list(hashes)
+    # Batch checks at C speed; the per-hash path only runs to convert or to name the first bad one.
+    types = set(map(type, out))
+    if types <= {bytes} and set(map(len, out)) <= {size}:
+        return out
+    return [h if type(h) is bytes and len(h) == size else bytes(_checked(h, size, f"{argument}[{i}]"))
+            for i, h in enumerate(out)]
+
+
+def check_hash(value: object, algorithm: str, argument: str = "sequence hash") -> bytes:
+    """Check one block hash and return it as ``bytes`` (the one check every tier's storage applies).
+
+    Args:
+        value: ``bytes`` (a :class:`SequenceHash` included, returned as it is), or a ``bytearray``/``memoryview``
+            (converted to ``bytes``).
+        algorithm: the algorithm the hash was made with; fixes its length.
+        argument: what to call the value in the error message.
+
+    Raises:
+        ValueError: not bytes-like, or the wrong length (``"sequence hash: expected 32 bytes, got 16"``).
+    """
+    return _checked(value, hash_length(algorithm), argument)
+
+
+def _checked(h: object, size: int, argument: str) -> bytes:
+    if isinstance(h, bytes):
+        b = h
+    elif isinstance(h, (bytearray, memoryview)):
+        b = bytes(h)
+    else:
+        raise ValueError(f"{argument}: expected {size} bytes, got {type(h).__name__}")
+    if len(b) != size:
+        raise ValueError(f"{argument}: expected {size} bytes, got {len(b)}")
+    return b
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,7 +455,7 @@ def _start_hash(algorithm: str, namespace: object, salt: object, parent: object)
         raise ValueError(f"salt must be None, str or bytes, got {type(salt).__name__}")
     if parent is None:
         return _root_hash(algorithm, ns, salt_bytes)
-    size = _DIGEST_SIZES[algorithm]
+    size = HASH_LENGTHS[algorithm]
     if not isinstance(parent, (bytes, bytearray, memoryview)):
         raise ValueError(f"parent: expected None or a {size}-byte {algorithm} hash, got {type(parent).__name__}")
     parent = bytes(parent)

@@ -87,7 +87,7 @@ class KvBlockManager:
         self.device_type = config.resolved_device_type
         self._hash_length = hash_length(config.hash_algorithm)
         # Set by close() (or the drop finalizer); pools and workers see this flag, never the manager itself, so a
-        # manager dropped without close() can be collected (seed 004's CancelOnLastDrop).
+        # manager dropped without close() can be collected (its finalizer shuts it down by setting this flag).
         self._shutdown_flag = threading.Event()
         self._close_lock = threading.Lock()
         self._streams = TransferStreams(self.device_type)
@@ -583,7 +583,9 @@ class KvBlockManager:
 
     # -------------------------------------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, Any]:
-        """Per-tier counters and the offload counters (see the contract's Metrics section)."""
+        """One entry per configured tier (``pool.stats()``: total_blocks, available_blocks, hits, misses, hit_rate,
+        evictions, ...), ``"offload"`` (the scheduler's counters, corrupt_blocks summed over every tier) and
+        ``"remote"`` when that tier is configured."""
         out: dict[str, Any] = {}
         for tier, pool in self._pools.items():
             out[tier] = pool.stats()
@@ -776,7 +778,7 @@ class KvBlockManager:
     def _closed(self) -> bool:
         return self._shutdown_flag.is_set()
 
-    # ------------------------------------------------------------------------- remote block access (seed 004)
+    # -------------------------------------------------------------------- remote block access (by descriptor)
     def export_block_descriptors(self, blocks: Sequence[ImmutableBlock | bytes]) -> list[BlockDescriptor]:
         """Publish blocks this manager holds to the remote tier now and describe them for peers.
 

@@ -1,13 +1,22 @@
-"""Per-pool counters, eviction events and residency times (seed 000's KVCacheMetricsCollector)."""
+"""Metrics: per-pool counters, eviction events and residency times, and the latency recorders.
+
+* :class:`PoolMetrics` — one per pool: hits, misses, evictions (with per-second rates), residency of evicted
+  blocks, recent :class:`EvictionEvent` records (what ``tiered_kv.compat``'s ``KVCacheMetricsCollector`` reads).
+* :class:`LatencyHistogram` — log-spaced buckets with quantiles, for latencies observed without bound (the offload
+  scheduler's demotions and promotions).
+* :class:`RecentLatencies` — the newest N latencies, exact percentiles (the remote store's calls).
+"""
 
 from __future__ import annotations
 
+import bisect
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["EvictionEvent", "PoolMetrics"]
+__all__ = ["EvictionEvent", "LatencyHistogram", "PoolMetrics", "RecentLatencies", "percentile"]
 
 #: Horizon of the per-second eviction counters behind :meth:`PoolMetrics.eviction_rate`.
 RATE_HORIZON_S = 3600
@@ -98,7 +107,7 @@ class PoolMetrics:
         self._events.extend([(h, slot, reason, now, r) for (h, slot), r in zip(victims, res)])
 
     def record_event(self, event: EvictionEvent) -> None:
-        """Count an eviction reported from outside the pool (seed 000's ``record_eviction``) and keep it."""
+        """Count an eviction reported from outside the pool (the compat facade's ``record_eviction``) and keep it."""
         self._count(1, time.monotonic())
         self._events.append((event.sequence_hash, event.block_id, event.reason, event.timestamp, event.residency_s))
 
@@ -147,8 +156,8 @@ class PoolMetrics:
             "count": n,
             "mean_s": self.residency_total_s / n if n else 0.0,
             "max_s": self.residency_max_s,
-            "p50_s": recent[len(recent) // 2] if recent else 0.0,
-            "p99_s": recent[min(len(recent) - 1, (99 * len(recent)) // 100)] if recent else 0.0,
+            "p50_s": percentile(recent, 50),
+            "p99_s": percentile(recent, 99),
         }
 
     @property
@@ -156,3 +165,83 @@ class PoolMetrics:
         """hits / (hits + misses), 0.0 before any lookup."""
         looked = self.hits + self.misses
         return self.hits / looked if looked else 0.0
+
+
+def percentile(ordered: Sequence[float], pct: int) -> float:
+    """The ``pct``-th percentile (0..100) of already sorted samples, nearest rank below; 0.0 when empty.
+
+    Integer arithmetic on purpose: ``int(0.99 * n)`` can round down one rank for some ``n``.
+    """
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, (pct * len(ordered)) // 100)]
+
+
+class RecentLatencies:
+    """The newest ``keep`` latencies (seconds) and their exact percentiles.
+
+    ``observe`` is a ``deque.append`` (atomic); readers copy the deque in one C call, so no lock is needed.
+    """
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._samples: deque[float] = deque(maxlen=keep)
+
+    def observe(self, seconds: float) -> None:
+        """Record one latency (the oldest drops out past ``keep``)."""
+        self._samples.append(seconds)
+
+    def percentiles(self, *pcts: int) -> tuple[float, ...]:
+        """The given percentiles (0..100) of the retained samples, in seconds (0.0 each when there are none)."""
+        ordered = sorted(self._samples)
+        return tuple(percentile(ordered, p) for p in pcts)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+
+class LatencyHistogram:
+    """Log-spaced latency buckets (seconds) with count, sum and quantiles; cheap to update, thread-safe.
+
+    Quantiles are bucket upper bounds (4 buckets per decade: within a factor of 1.78 of the true value).
+    """
+
+    BOUNDS: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-24, 5))  # 1 us .. ~18 s, 4 buckets per decade
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Record one latency."""
+        i = bisect.bisect_left(self.BOUNDS, seconds)  # the first bucket whose bound is >= seconds
+        with self._lock:
+            self.counts[i] += 1
+            self.total += seconds
+            self.n += 1
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding the ``q`` quantile (0.0 when empty; inf past the last bound)."""
+        with self._lock:
+            counts, n = list(self.counts), self.n
+        if n == 0:
+            return 0.0
+        rank = q * n
+        seen = 0
+        for i, c in enumerate(counts):
+            seen += c
+            if seen >= rank:
+                return self.BOUNDS[i] if i < len(self.BOUNDS) else float("inf")
+        return float("inf")
+
+    def summary(self) -> dict[str, float]:
+        """count, mean, p50, p99 (seconds)."""
+        return {
+            "count": self.n,
+            "mean": self.total / self.n if self.n else 0.0,
+            "p50": self.quantile(0.5),
+            "p99": self.quantile(0.99),
+        }

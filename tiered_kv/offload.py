@@ -38,6 +38,7 @@ import torch
 
 from .blocks import ImmutableBlock, MutableBlock
 from .errors import DiskFullError, TieredKvError
+from .metrics import LatencyHistogram
 from .pool import BlockPool
 from .sources import InflightSource, MatchSource, SnapshotBlock, SnapshotSource
 from .transfer import TransferStreams, copy_between, copy_slots, snapshot_slots
@@ -54,55 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("tiered_kv.offload")
-
-
-class LatencyHistogram:
-    """Log-spaced latency buckets (seconds) with count, sum and quantiles; cheap to update under a lock."""
-
-    BOUNDS = tuple(10.0 ** (e / 4) for e in range(-24, 5))  # 1 us .. ~18 s, 4 buckets per decade
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BOUNDS) + 1)
-        self.total = 0.0
-        self.n = 0
-        self._lock = threading.Lock()
-
-    def observe(self, seconds: float) -> None:
-        """Record one latency."""
-        lo, hi = 0, len(self.BOUNDS)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if seconds <= self.BOUNDS[mid]:
-                hi = mid
-            else:
-                lo = mid + 1
-        with self._lock:
-            self.counts[lo] += 1
-            self.total += seconds
-            self.n += 1
-
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding the ``q`` quantile (0.0 when empty)."""
-        with self._lock:
-            counts, n = list(self.counts), self.n
-        if n == 0:
-            return 0.0
-        rank = q * n
-        seen = 0
-        for i, c in enumerate(counts):
-            seen += c
-            if seen >= rank:
-                return self.BOUNDS[i] if i < len(self.BOUNDS) else float("inf")
-        return float("inf")
-
-    def summary(self) -> dict[str, float]:
-        """count, mean, p50, p99 (seconds)."""
-        return {
-            "count": self.n,
-            "mean": self.total / self.n if self.n else 0.0,
-            "p50": self.quantile(0.5),
-            "p99": self.quantile(0.99),
-        }
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 from .blocks import ImmutableBlock, MutableBlock, _Block
 from .enums import plain
 from .errors import BlockNotComplete, BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
+from .hashing import plain_hashes
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
 from .tokens import encode_tokens
@@ -53,7 +54,7 @@ _DOOMED = 3  # dropped from the index while still referenced; freed at the last 
 
 
 class BlockState(IntEnum):
-    """State of a slot, in seed 000's priority order: PINNED > CACHED > ALLOCATED > FREE.
+    """State of a slot, in priority order: PINNED > CACHED > ALLOCATED > FREE.
 
     Of the states that hold data, only CACHED blocks (registered, inactive) are ever evicted; ALLOCATED and PINNED
     blocks stay until released or unpinned.
@@ -95,6 +96,10 @@ class BlockPool:
         self.policy = policy
         self.hash_length = hash_length
         self.metrics = PoolMetrics(tier)
+        # Lock order: a pool's _register_lock before its _lock. Pools in tier order, device -> host -> disk: an
+        # eviction handler running under one pool's _lock takes the next tier's locks, never the reverse (a match
+        # asks higher sources with the lock-free may_hold). Storage locks (DiskStore._commit_lock, then
+        # DiskStore._lock) come after every pool lock and never call back into a pool.
         self._lock = threading.Lock()
         self._persistent = storage.persistent
         self._register_lock = threading.Lock() if storage.persistent else None
@@ -980,7 +985,7 @@ class BlockPool:
         return bad
 
     def stage_views(self, blocks: Sequence[MutableBlock], views: Sequence[torch.Tensor], *, borrow: bool) -> None:
-        """Fill mutable blocks of a persistent tier from block tensors (see ``DiskStorage.stage_views``):
+        """Fill mutable blocks of a persistent tier from block tensors (see ``DiskBlockStorage.stage_views``):
         ``borrow=True`` copies nothing and the mover keeps the tensors intact until the blocks are registered or
         released; ``borrow=False`` copies each once into aligned staging."""
         self._check_mutable(blocks)
@@ -1131,28 +1136,12 @@ class BlockPool:
             self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]
 
     def validate_hashes(self, hashes: Sequence[bytes], argument: str) -> list[bytes]:
-        """``hashes`` as a list of plain ``bytes`` of this pool's hash length (bytes subclasses and buffers converted).
+        """``hashes`` as a list of plain ``bytes`` of this pool's hash length (see :func:`hashing.plain_hashes`).
 
         Raises:
             ValueError: not a sequence of hashes, or a hash of another type or length (named by ``argument[i]``).
         """
-        if isinstance(hashes, (bytes, bytearray, str)) or not isinstance(hashes, Sequence):
-            raise ValueError(f"{argument}: expected a sequence of hashes, got {type(hashes).__name__}")
-        n = self.hash_length
-        out = list(hashes)
-        # Batch checks at C speed; the per-hash loop below only runs to name the first bad one.
-        types = set(map(type, out))
-        if types - {bytes} and all(issubclass(t, (bytes, bytearray, memoryview)) for t in types):
-            out = list(map(bytes, out))  # SequenceHash, BlockHash, bytearray...: plain bytes (parents taken before)
-            types = {bytes}
-        if types <= {bytes} and set(map(len, out)) <= {n}:
-            return out
-        for i, h in enumerate(out):
-            if not isinstance(h, (bytes, bytearray, memoryview)):
-                raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {type(h).__name__}")
-            if len(h) != n:
-                raise ValueError(f"{argument}[{i}]: expected {n} bytes, got {len(h)}")
-        raise AssertionError("unreachable")  # pragma: no cover
+        return plain_hashes(hashes, self.hash_length, argument)
 
     _validate_hashes = validate_hashes  # the name older callers use
 

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
+from blockdata import REPO_ROOT, block_bytes, blocks_for, same, seq_hash
+from blockdata import child_env as _child_env
 
 from tiered_kv.config import DiskConfig, ModelConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = [
+    "ALGO",
+    "MODEL",
+    "NAMESPACE",
+    "ODD_MODEL",
+    "PYTHON",
+    "REPO_ROOT",
+    "block_bytes",
+    "blocks_for",
+    "child_env",
+    "disk_config",
+    "same",
+    "seq_hash",
+]
 
 #: 2 layers x 2 x 16 tokens x 256 x fp16 = 32 KiB blocks (a multiple of 4 KiB: O_DIRECT writes in place).
 MODEL = ModelConfig(num_layers=2, inner_dim=256, page_size=16, dtype="float16")
@@ -23,40 +34,13 @@ ALGO = "sha256"
 NAMESPACE = "test-ns"
 
 
-def seq_hash(tag: str, i: int) -> bytes:
-    """A deterministic 32-byte hash for test block ``i`` of stream ``tag``."""
-    return hashlib.sha256(f"{tag}:{i}".encode()).digest()
-
-
-def block_bytes(h: bytes, model: ModelConfig) -> torch.Tensor:
-    """The bytes a block with hash ``h`` holds: a deterministic function of the hash."""
-    rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
-    raw = rng.integers(0, 256, size=model.block_size_bytes, dtype=np.uint8)
-    return torch.from_numpy(raw).view(model.torch_dtype).reshape(model.block_shape)
-
-
-def blocks_for(hashes: Sequence[bytes], model: ModelConfig) -> torch.Tensor:
-    """A ``[n, *block_shape]`` tensor of :func:`block_bytes` for each hash."""
-    if not hashes:
-        return torch.empty((0, *model.block_shape), dtype=model.torch_dtype)
-    return torch.stack([block_bytes(h, model) for h in hashes])
-
-
 def disk_config(path: str | os.PathLike[str], num_blocks: int, durability: str = "batch") -> DiskConfig:
     return DiskConfig(path=os.fspath(path), num_blocks=num_blocks, backend="posix", durability=durability)
 
 
 def child_env() -> dict[str, str]:
     """Environment for a child Python that must import tiered_kv and these helpers."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return _child_env(Path(__file__).parent)
 
 
 PYTHON = sys.executable
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (random bytes contain NaNs, which torch.equal treats as unequal)."""
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

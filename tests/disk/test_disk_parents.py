@@ -91,8 +91,8 @@ def test_tokens_and_parent_together(tmp_path: Path) -> None:
     ("parents", "pattern"),
     [
         ([None], r"2 hashes but 1 parents"),
-        ([None, b"x" * 16], r"sha256 sequence hash has 32 bytes, got 16"),
-        ([None, "ab" * 16], r"parent must be a sequence hash \(bytes\) or None, got str"),
+        ([None, b"x" * 16], r"sha256 parent \(a sequence hash or None\): expected 32 bytes, got 16"),
+        ([None, "ab" * 16], r"sha256 parent \(a sequence hash or None\): expected 32 bytes, got str"),
         ([None, "self"], r"cannot be its own parent"),
     ],
 )

@@ -29,38 +29,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh single server for one test."""
-    server = RedisServer(tmp_path)
-    try:
+    with RedisServer(tmp_path) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One single server shared by a module's tests (each test uses its own namespace)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     """A 3-master cluster shared by a module's tests that do not break it."""
-    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
-    try:
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     """A fresh 3-master cluster for a test that kills, stops or reshards nodes."""
-    c = RedisCluster(tmp_path)
-    try:
+    with RedisCluster(tmp_path) as c:
         yield c
-    finally:
-        c.close()

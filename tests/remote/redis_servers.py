@@ -132,6 +132,12 @@ class RedisServer:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -205,6 +211,12 @@ class RedisCluster:
                     port = int(master[1])
                     return next(x for x in self.servers if x.port == port)
         raise LookupError(f"no owner for slot {slot}")
+
+    def __enter__(self) -> RedisCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         for s in self.servers:

@@ -17,7 +17,18 @@ from tiered_kv.errors import ConfigError, TieredKvError  # noqa: E402
 from tiered_kv.storage.remote import HEADER_SIZE, RemoteStore, RemoteTierError  # noqa: E402
 
 from .redis_servers import RedisServer, free_port  # noqa: E402
-from .remote_data import ALGO, MODEL, NAMESPACE, PYTHON, SMALL_BF16, blocks_for, child_env, hashes, same  # noqa: E402
+from .remote_data import (  # noqa: E402
+    ALGO,
+    MODEL,
+    NAMESPACE,
+    PYTHON,
+    SMALL_BF16,
+    blocks_for,
+    child_env,
+    hashes,
+    same,
+    wait_until_served,
+)
 
 CHILD = str(Path(__file__).with_name("remote_child.py"))
 
@@ -256,13 +267,7 @@ def test_stalled_server_is_bounded_and_recovers(redis_server: RedisServer) -> No
             assert store.metrics()["timeouts"] >= 1
         finally:
             redis_server.cont_signal()
-        deadline = time.monotonic() + 5
-        while not all(store.get_blocks(hs)[1]):
-            assert time.monotonic() < deadline, "store did not recover after SIGCONT"
-            time.sleep(0.05)
-        out, ok = store.get_blocks(hs)
-        assert all(ok) and same(out, data)
-        assert store.metrics()["reconnects"] >= 1
+        wait_until_served(store, hs, data, "store did not recover after SIGCONT")
 
 
 def test_auth_password_and_acl_user(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ so needs the writer lock (and migrates a format version 1 tier to version 2, as 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -24,12 +23,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .. import __version__
 from ..config import DiskConfig, ModelConfig
-from ..errors import DiskTierError
-from ..storage.disk import DiskStore, Entry, read_tier_meta
-from ..storage.disk.registry import REGISTRY_DIR, Registry
-from ..storage.disk.store import READABLE_FORMAT_VERSIONS, find_orphans
+from ..errors import DiskTierError, TierLockedError
+from ..hashing import hash_length
+from ..storage.disk import DiskStore, Entry, find_orphans, read_tier_meta
 from . import main
 from ._common import (
     EXIT_FAILED,
@@ -49,9 +46,7 @@ from ._common import (
 __all__ = ["disk", "open_tier", "parse_hash"]
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
-_HASH_BYTES = {"sha256": 32, "xxh3_128": 16}
 _SORTS = ("slot", "age", "hits", "access")
-_LOCKED_ERRNOS = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 _MAX_ORPHANS_LISTED = 20  # verify's text output; a broken chain head can orphan thousands (--json lists all)
 
 _path_arg = click.argument("path", type=click.Path(path_type=str))
@@ -59,24 +54,12 @@ _path_arg = click.argument("path", type=click.Path(path_type=str))
 
 # -- opening --------------------------------------------------------------------------------------
 def _tier_meta(path: str) -> dict[str, Any]:
-    """The meta record of the tier at ``path``, with each way it can fail turned into a one-line CliError."""
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file or directory")
-    if not os.path.isdir(path):
-        raise CliError(f"{path} is not a disk tier: it is not a directory")
-    if not Registry.exists(path):
-        raise CliError(f"{path} is not a disk tier: there is no {REGISTRY_DIR}/data.mdb inside")
+    """The meta record of the tier at ``path``; each way it can fail (no such path, not a tier, unreadable
+    registry, unknown format version) becomes a one-line CliError saying which."""
     try:
-        meta = read_tier_meta(path)
+        return read_tier_meta(path)
     except DiskTierError as exc:
-        raise CliError(f"{path} is not a readable disk tier: {exc}") from exc
-    version = meta.get("format_version")
-    if version not in READABLE_FORMAT_VERSIONS:
-        raise CliError(
-            f"{path} has disk format version {version!r}; tiered-kv {__version__} reads versions "
-            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
-        )
-    return meta
+        raise CliError(str(exc)) from exc
 
 
 def open_tier(path: str, *, writer: bool = False) -> tuple[DiskStore, dict[str, Any]]:
@@ -92,7 +75,7 @@ def open_tier(path: str, *, writer: bool = False) -> tuple[DiskStore, dict[str, 
     Raises:
         CliError: not a tier, unknown format version, malformed meta record (EXIT_BAD_INPUT), or, with
             ``writer``, another process holds the writer lock (EXIT_LOCKED).
-        DiskTierError, OSError: the registry or a data file cannot be read.
+        DiskTierError: the registry or a data file cannot be read (the message names the file).
     """
     meta = _tier_meta(path)
     try:
@@ -106,13 +89,8 @@ def open_tier(path: str, *, writer: bool = False) -> tuple[DiskStore, dict[str, 
         raise CliError(f"{path}: the tier's meta record is malformed ({type(exc).__name__}: {exc})") from exc
     try:
         store = DiskStore(config, model, hash_algorithm=algorithm, namespace=namespace, readonly=not writer)
-    except DiskTierError as exc:
-        cause = exc.__cause__
-        if writer and isinstance(cause, OSError) and cause.errno in _LOCKED_ERRNOS:
-            raise CliError(f"{exc}; --repair needs the writer lock: stop that process first", EXIT_LOCKED) from exc
-        raise
-    except OSError as exc:  # a data file is missing or cannot be opened
-        raise CliError(f"{path}: cannot open {exc.filename or 'a data file'}: {exc.strerror or exc}") from exc
+    except TierLockedError as exc:
+        raise CliError(f"{exc}; this command needs the writer lock: stop that process first", EXIT_LOCKED) from exc
     return store, meta
 
 
@@ -134,7 +112,10 @@ def parse_hash(text: str, algorithm: str) -> bytes:
     s = text.strip()
     if not _HEX.fullmatch(s):
         raise CliError(f"HASH {text!r} is not hexadecimal")
-    want = _HASH_BYTES.get(algorithm)
+    try:
+        want: int | None = hash_length(algorithm)
+    except ValueError:  # a tier of an algorithm this version does not know: any even length will do
+        want = None
     if want is not None and len(s) != 2 * want:
         raise CliError(f"HASH {text!r} has {len(s)} hex digits; a {algorithm} hash of this tier has {2 * want}")
     if len(s) % 2:

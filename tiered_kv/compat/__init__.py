@@ -1,6 +1,8 @@
-"""The seeds' own Python APIs as thin facades over :class:`~tiered_kv.manager.KvBlockManager`.
+"""The Python APIs of the earlier KV-cache systems tiered_kv replaces, as thin facades over
+:class:`~tiered_kv.manager.KvBlockManager`.
 
-One module per seed system; each maps the seed's names and arguments onto the engine and keeps no logic of its own,
+Those systems are called seeds 000 to 004 here and in the tests (the numbering their users know them by). One
+module per seed system; each maps the seed's names and arguments onto the engine and keeps no logic of its own,
 so a seed user gets the device / host / disk tiers underneath:
 
 * :mod:`.block_pool` — seed 000 (BlockPoolManager): ``BlockPool``, ``BlockPoolConfig``, ``KVCacheMetricsCollector``,

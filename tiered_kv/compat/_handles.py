@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,13 +17,17 @@ from ..blocks import ImmutableBlock, MutableBlock
 from ..errors import InvalidBlockError
 from ..pool import BlockPool, BlockState
 
+if TYPE_CHECKING:
+    from ..manager import KvBlockManager
+
 __all__ = ["Block", "HandleTable"]
 
 Handle = MutableBlock | ImmutableBlock
 
 
 class Block:
-    """A block of a facade's tier, by integer id (seed 000's ``Block``, seed 002's ``CacheBlock``).
+    """A block of a facade's tier, by integer id (``Block`` of the BlockPoolManager API, ``CacheBlock`` of the
+    PrefixCacheManager API).
 
     A view, not a reference: what it reports is read from the pool when asked.
     """
@@ -40,7 +45,7 @@ class Block:
 
     @property
     def state(self) -> BlockState:
-        """FREE, ALLOCATED, CACHED or PINNED (seed 000's priority order)."""
+        """FREE, ALLOCATED, CACHED or PINNED (in priority order: PINNED > CACHED > ALLOCATED > FREE)."""
         return self._table.pool.block_state(self.block_id)
 
     @property
@@ -141,6 +146,15 @@ class HandleTable:
             out = [h for held in self._held.values() for h in held]
             self._held.clear()
             return out
+
+    def close(self, manager: KvBlockManager, *, owns_manager: bool) -> None:
+        """A facade's ``close``: release every held handle (while the manager is open), then close the manager if
+        the facade created it. Idempotent."""
+        handles = self.drain()
+        if not manager.closed:
+            self.pool.release_blocks(handles)
+        if owns_manager:
+            manager.close()
 
     def held_ids(self) -> list[int]:
         """Ids with at least one held reference."""

@@ -239,11 +239,7 @@ class BlockPool:
     # ------------------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Release what this facade holds and close the manager it created; idempotent."""
-        handles = self._table.drain()
-        if not self.manager.closed:
-            self.pool.release_blocks(handles)
-        if self._owns_manager:
-            self.manager.close()
+        self._table.close(self.manager, owns_manager=self._owns_manager)
 
     def __enter__(self) -> BlockPool:
         return self

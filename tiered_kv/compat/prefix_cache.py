@@ -366,11 +366,7 @@ class PrefixCacheManager:
         """Release what this facade holds and close the manager it created; idempotent."""
         with self._lock:
             self._pending.clear()
-        handles = self._table.drain()
-        if not self.manager.closed:
-            self.pool.release_blocks(handles)
-        if self._owns_manager:
-            self.manager.close()
+        self._table.close(self.manager, owns_manager=self._owns_manager)
 
     def __enter__(self) -> PrefixCacheManager:
         return self

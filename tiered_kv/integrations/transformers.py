@@ -60,8 +60,8 @@ except ImportError:  # transformers < 4.56: no layer objects, the cache holds li
     _PLAIN_LAYER = None
 
 from ..blocks import ImmutableBlock
-from ..config import ModelConfig
-from ..errors import ConfigError, InvalidBlockError, NotEnoughBlocksAvailable
+from ..config import ModelConfig, dtype_name
+from ..errors import InvalidBlockError, NotEnoughBlocksAvailable
 from ..manager import KvBlockManager
 from ..storage import TensorArena
 
@@ -125,14 +125,6 @@ def kv_geometry(hf_config: Any) -> KvGeometry:
     return KvGeometry(num_layers=layers, num_kv_heads=int(kv_heads), head_dim=int(head_dim))
 
 
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    try:
-        return ModelConfig(num_layers=1, inner_dim=1, dtype=name).dtype  # the config is the one list of dtypes
-    except ConfigError as exc:
-        raise ValueError(f"dtype: {dtype!r} has no tiered_kv equivalent ({exc})") from exc
-
-
 def model_config_for(model: Any, page_size: int = 16, dtype: torch.dtype | str | None = None) -> ModelConfig:
     """The tiered_kv block geometry that holds the KV cache of a transformers model.
 
@@ -142,6 +134,9 @@ def model_config_for(model: Any, page_size: int = 16, dtype: torch.dtype | str |
         dtype: KV dtype to store. Default: the model's parameters' dtype when given a model, else the config's
             ``dtype`` (float32 when unset). Store the model's own dtype for restored logits equal to a full
             prefill's.
+
+    Raises:
+        ConfigError: (a ``ValueError``) the dtype has no tiered_kv equivalent (see :func:`tiered_kv.config.dtype_name`).
     """
     params = getattr(model, "parameters", None)
     hf_config = model.config if callable(params) and hasattr(model, "config") else model
@@ -154,7 +149,7 @@ def model_config_for(model: Any, page_size: int = 16, dtype: torch.dtype | str |
             dtype = cfg.dtype if hasattr(cfg, "dtype") else getattr(cfg, "torch_dtype", None)
             dtype = dtype or torch.float32
     return ModelConfig(
-        num_layers=geo.num_layers, inner_dim=geo.inner_dim, page_size=page_size, dtype=_dtype_name(dtype)
+        num_layers=geo.num_layers, inner_dim=geo.inner_dim, page_size=page_size, dtype=dtype_name(dtype)
     )
 
 

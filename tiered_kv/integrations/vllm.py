@@ -71,7 +71,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without vLLM
     ) from exc
 
 from ..config import DURABILITIES, DiskConfig, KvBlockManagerConfig, ModelConfig, RemoteConfig
-from ..errors import ConfigError, DiskTierError, LayoutMismatchError, TieredKvError
+from ..errors import ConfigError, DiskTierError, LayoutMismatchError, TieredKvError, TierLockedError
 from ..events import KvEvent
 from ..manager import KvBlockManager
 
@@ -410,7 +410,7 @@ class TieredKvTier(SecondaryTierManager):
         except LayoutMismatchError as exc:
             raise LayoutMismatchError(self._mismatch_message(exc)) from exc
         except DiskTierError as exc:
-            if "already open" in str(exc):
+            if isinstance(exc, TierLockedError):
                 raise DiskTierError(
                     f"TieredKvTier: path {self.path} is in use: {exc}. Each vLLM instance needs its own path; "
                     "share chunks across instances with remote_url"

@@ -1,8 +1,13 @@
 """The interface a block pool uses to reach its bytes.
 
-Storage knows slots and bytes, never hashes' eviction order. The pool calls it under its own bookkeeping lock
-for slot bookkeeping (``discard`` at eviction deletes registry rows there); data I/O (``commit`` of a registration,
-``gather`` / ``read_into`` of held blocks) runs outside it.
+Storage knows slots and bytes, never the eviction order. Which pool lock is held when the pool calls in:
+
+* the pool lock (``BlockPool._lock``): ``discard`` (eviction, invalidation, reset; on the disk tier an LMDB
+  transaction deleting registry rows), ``touch`` and ``drop_stage``. The pool's eviction handler runs there too and
+  reads the victims' slots (``copy_slots`` / ``snapshot_slots``);
+* the register lock of a persistent pool (``BlockPool._register_lock``, taken before the pool lock): ``commit`` of
+  a registration (data written, then one registry commit);
+* no pool lock: ``gather``, ``read_into``, ``scatter``, ``stage_views`` of blocks the caller holds.
 """
 
 from __future__ import annotations

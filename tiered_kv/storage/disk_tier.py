@@ -1,5 +1,9 @@
 """The disk tier as a pool's :class:`~tiered_kv.storage.base.BlockStorage`: a :class:`DiskStore` plus staging.
 
+Two classes, two roles: :class:`~tiered_kv.storage.disk.DiskStore` is the storage engine (files, registry, crash
+ordering; knows nothing of pools), and :class:`DiskBlockStorage` here is the adapter that puts one behind a block
+pool (``DiskStorage`` is its old name, kept as an alias).
+
 A mutable block of the disk pool has no bytes on disk yet: it is staged in host memory (filled through
 ``layer_view`` or by a demotion's scatter) and written, together with every other block of the same
 ``register_blocks`` call, by one ``DiskStore.write_blocks`` (data first, then one registry commit). Reads go
@@ -20,11 +24,11 @@ from .disk import DiskStore
 from .disk.backend import DiskBackend
 from .staging import StagingPool
 
-__all__ = ["DiskStorage", "open_disk_storage"]
+__all__ = ["DiskBlockStorage", "DiskStorage", "open_disk_storage"]
 
 
-class DiskStorage(BlockStorage):
-    """Block storage of the disk tier.
+class DiskBlockStorage(BlockStorage):
+    """Block storage of the disk tier: the pool-facing adapter over a :class:`DiskStore`.
 
     Args:
         store: the opened (writable) disk store.
@@ -157,7 +161,7 @@ class DiskStorage(BlockStorage):
 
     def gather(self, slots: Sequence[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         if out is None:
-            out = self.store._alloc(len(slots))
+            out = self.store.alloc_blocks(len(slots))
         return out, self.read_into(slots, out)
 
     def read_into(self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
@@ -210,10 +214,14 @@ class DiskStorage(BlockStorage):
         self.store.close()
 
 
-def open_disk_storage(config: KvBlockManagerConfig, backend: DiskBackend | None = None) -> DiskStorage:
+#: The old name of :class:`DiskBlockStorage` (too close to :class:`DiskStore`); kept so existing imports work.
+DiskStorage = DiskBlockStorage
+
+
+def open_disk_storage(config: KvBlockManagerConfig, backend: DiskBackend | None = None) -> DiskBlockStorage:
     """Open (or create) the disk tier that ``config.disk`` names, for writing."""
     assert config.disk is not None
     store = DiskStore(
         config.disk, config.model, hash_algorithm=config.hash_algorithm, namespace=config.namespace, backend=backend
     )
-    return DiskStorage(store, pinned=config.resolved_device_type == "cuda")
+    return DiskBlockStorage(store, pinned=config.resolved_device_type == "cuda")

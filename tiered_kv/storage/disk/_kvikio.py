@@ -11,13 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .backend import DiskBackend, IoOp
+from .backend import DirtyFiles, DiskBackend, IoOp
 
 __all__ = ["KvikioBackend", "kvikio_unavailable_reason"]
 
@@ -59,8 +58,7 @@ class KvikioBackend(DiskBackend):
         self._kvikio: Any = kvikio
         self._files: list[Any] = []
         self._sync_fds: list[int] = []
-        self._dirty: set[int] = set()
-        self._dirty_lock = threading.Lock()
+        self._dirty = DirtyFiles()
         self.direct_io = False
 
     def open(self, paths: Sequence[str | os.PathLike[str]], *, readonly: bool) -> None:
@@ -124,8 +122,7 @@ class KvikioBackend(DiskBackend):
         if not ops:
             return
         results = self._submit(ops, write=True)
-        with self._dirty_lock:
-            self._dirty.update(op.file_index for op in ops)
+        self._dirty.mark(op.file_index for op in ops)
         for r in results:
             if r is not None:
                 raise r
@@ -138,12 +135,4 @@ class KvikioBackend(DiskBackend):
 
     def sync(self) -> None:
         """``fdatasync`` the files written since the last sync."""
-        with self._dirty_lock:
-            dirty, self._dirty = self._dirty, set()
-        try:
-            for index in sorted(dirty):
-                os.fdatasync(self._sync_fds[index])
-        except OSError:
-            with self._dirty_lock:
-                self._dirty.update(dirty)
-            raise
+        self._dirty.sync(self._sync_fds)

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
+from .backend import SLOT_ALIGNMENT, DirtyFiles, DiskBackend, IoOp, round_up
 
 __all__ = ["PosixBackend", "aligned_empty", "probe_direct_io"]
 
@@ -124,8 +124,7 @@ class PosixBackend(DiskBackend):
         self._fds: list[int] = []
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
-        self._dirty: set[int] = set()
-        self._dirty_lock = threading.Lock()
+        self._dirty = DirtyFiles()
         self.direct_io = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -245,9 +244,7 @@ class PosixBackend(DiskBackend):
         if not ops:
             return
         results = self._run(ops, self._write_one)
-        with self._dirty_lock:
-            # Even a failed batch may have written some files: they must be synced like any other.
-            self._dirty.update(op.file_index for op in ops)
+        self._dirty.mark(op.file_index for op in ops)  # a failed batch too: it may have written some files
         errors = [r for r in results if r is not None]
         if errors:
             for extra in errors[1:]:
@@ -262,12 +259,4 @@ class PosixBackend(DiskBackend):
 
     def sync(self) -> None:
         """``fdatasync`` every file written since the last sync."""
-        with self._dirty_lock:
-            dirty, self._dirty = self._dirty, set()
-        try:
-            for index in sorted(dirty):
-                os.fdatasync(self._fds[index])
-        except OSError:
-            with self._dirty_lock:
-                self._dirty.update(dirty)
-            raise
+        self._dirty.sync(self._fds)

@@ -17,13 +17,14 @@ translates them at its boundary (ENOSPC -> ``DiskFullError``, anything else -> `
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["SLOT_ALIGNMENT", "DiskBackend", "IoOp", "round_up"]
+__all__ = ["SLOT_ALIGNMENT", "DirtyFiles", "DiskBackend", "IoOp", "round_up"]
 
 #: Slots start and end on this boundary: the O_DIRECT and GPUDirect Storage unit.
 SLOT_ALIGNMENT = 4096
@@ -32,6 +33,34 @@ SLOT_ALIGNMENT = 4096
 def round_up(n: int, align: int = SLOT_ALIGNMENT) -> int:
     """Round ``n`` up to a multiple of ``align``."""
     return (n + align - 1) // align * align
+
+
+class DirtyFiles:
+    """The data files written since the last sync (thread-safe): what a backend's ``sync`` must fdatasync."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: set[int] = set()
+
+    def mark(self, file_indices: Iterable[int]) -> None:
+        """Note writes to these files (even failed ones: a failed batch may have written some bytes)."""
+        with self._lock:
+            self._files.update(file_indices)
+
+    def sync(self, fds: Sequence[int]) -> None:
+        """``fdatasync`` ``fds[i]`` of every file written since the last sync.
+
+        Raises:
+            OSError: a sync failed; every file of this round stays marked, so the next sync retries it.
+        """
+        with self._lock:
+            dirty, self._files = self._files, set()
+        try:
+            for index in sorted(dirty):
+                os.fdatasync(fds[index])
+        except OSError:
+            self.mark(dirty)
+            raise
 
 
 class IoOp(NamedTuple):

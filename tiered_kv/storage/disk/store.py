@@ -54,7 +54,6 @@ Crash ordering (the rules every method below follows; comments at each site say 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -63,6 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -70,11 +70,24 @@ import torch
 import xxhash
 
 from ...config import HASH_ALGORITHMS, DiskConfig, ModelConfig
-from ...errors import ConfigError, CorruptBlockError, DiskFullError, DiskTierError, LayoutMismatchError
+from ...errors import ConfigError, CorruptBlockError, DiskTierError, LayoutMismatchError, TierLockedError
+from ...hashing import check_hash
+from ._errors import disk_error, locked, translated
 from ._kvikio import KvikioBackend, kvikio_unavailable_reason
 from ._posix import PosixBackend, aligned_empty
 from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
-from .registry import ROW_FIELDS, Registry, Row, gc_paused, pad_row
+from .registry import (
+    FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
+    ROW_FIELDS,
+    Registry,
+    Row,
+    check_format_version,
+    gc_paused,
+    is_row,
+    pad_row,
+    read_tier_meta,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -88,16 +101,12 @@ __all__ = [
 
 logger = logging.getLogger("tiered_kv.disk")
 
-#: On-disk format version written into the meta record; an unknown version is refused. Version 2 added the
-#: parent field to the rows; a version 1 tier is migrated when opened for writing and read as is otherwise.
-FORMAT_VERSION = 2
-#: Versions this code opens: read-only openers read them as they are, writers migrate older ones.
-READABLE_FORMAT_VERSIONS = (1, 2)
+# FORMAT_VERSION and READABLE_FORMAT_VERSIONS live with the registry (the module that owns the on-disk format) and
+# are re-exported here.
 _LAYOUT_KIND = "sharded"
 _NSHARDS = 8
 _FILE_PATTERN = "data-{:03d}.bin"
 _LOCK_FILE = "writer.lock"
-_HASH_LEN = {"sha256": 32, "xxh3_128": 16}
 _SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at least every second"
 _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
@@ -105,11 +114,6 @@ _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
 # Rule 3: "batch" commits sync LMDB's data pages (MDB_NOMETASYNC: integrity through power loss). Off until
 # evictions stop paying one registry fdatasync each under the pool lock (see rule 3 for what it costs today).
 _BATCH_SYNCS_COMMITS = False
-
-# Row field positions (see registry.ROW_FIELDS). Rows in memory always have every field: format-version-1 rows
-# (6 or 7 fields) are padded with None when loaded.
-_SLOT, _CSUM, _SIZE, _CREATED, _ACCESS, _HITS, _TOKENS, _PARENT = range(len(ROW_FIELDS))
-_ROW_LENS = (6, 7, len(ROW_FIELDS))  # what a stored row may have (6, 7: format version 1)
 
 
 @dataclass(frozen=True)
@@ -128,19 +132,23 @@ class Entry:
 
 
 def _entry(key: bytes, row: Row) -> Entry:
-    return Entry(key, *row[: _PARENT + 1])
+    return Entry(key, *row)
 
 
 def _padded(rows: dict[bytes, Row]) -> dict[bytes, Row]:
-    """Pad format-version-1 rows in place (a C-level length check first: a version 2 tier costs one pass)."""
+    """Complete format-version-1 rows in place (a C-level length check first: a version 2 tier costs one pass).
+
+    Rows in memory always have every field. Malformed values are left as they are: the writer's open drops them
+    (:meth:`DiskStore._reconcile`).
+    """
     try:
         full = set(map(len, rows.values())) <= {len(ROW_FIELDS)}
-    except TypeError:  # a malformed row (not a list); the writer's open drops those
+    except TypeError:  # a malformed row (not an array)
         full = False
     if not full:
-        for row in rows.values():
-            if isinstance(row, list):
-                pad_row(row)
+        for key, row in rows.items():
+            if is_row(row):
+                rows[key] = pad_row(row)
     return rows
 
 
@@ -203,22 +211,6 @@ def _checksum(buf: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(buf.numpy().data)
 
 
-def read_tier_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The meta record of the tier at ``path`` (read-only; for tools that do not know the model yet).
-
-    Raises:
-        DiskTierError: there is no initialised tier at ``path``.
-    """
-    reg = Registry(path, readonly=True, map_size=0, sync=False)
-    try:
-        meta = reg.read_meta()
-    finally:
-        reg.close()
-    if meta is None:
-        raise DiskTierError(f"disk tier at {os.fspath(path)} is not initialised (no meta record)")
-    return meta
-
-
 # LMDB allows one environment handle per path per process, so a second DiskStore on the same tier in this
 # process (writer or reader) is refused here with a clear message instead of LMDB's.
 _OPEN_HERE: dict[str, str] = {}
@@ -230,21 +222,32 @@ def _shard_slots(shard: int, capacity: int, nshards: int) -> int:
 
 
 class _WriterLock:
-    """``flock`` on ``PATH/writer.lock``: one writer process per tier; the holder's pid and host inside."""
+    """``flock`` on ``PATH/writer.lock``: one writer process per tier; the holder's pid and host inside.
+
+    Raises:
+        TierLockedError: another open file description (another process, or another opener) holds the lock.
+        DiskTierError: the lock file cannot be created or locked.
+    """
 
     def __init__(self, root: str) -> None:
         path = os.path.join(root, _LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with translated(f"opening the writer lock of disk tier {root}"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "an unknown process"
+            try:
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "an unknown process"
+            except OSError:
+                holder = "an unknown process"
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DiskTierError(f"disk tier {root} is already open for writing by {holder}") from exc
-            raise DiskTierError(f"cannot lock disk tier {root}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+            raise locked(root, holder, exc) from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise disk_error(exc, f"writing the writer lock of disk tier {root}") from exc
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -253,14 +256,6 @@ class _WriterLock:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)  # closing the last fd of the open file description drops the flock
-
-
-def _os_error(exc: OSError, what: str) -> DiskTierError:
-    """The public error for an OS error (ENOSPC/EDQUOT -> DiskFullError)."""
-    text = f"{what}: [errno {exc.errno}] {exc.strerror or exc}"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(text)
-    return DiskTierError(text)
 
 
 class DiskStore:
@@ -279,7 +274,8 @@ class DiskStore:
         ConfigError: ``hash_algorithm``/``namespace`` invalid, or ``backend="kvikio"`` cannot work here.
         LayoutMismatchError: the tier was created for another fingerprint, hash algorithm or namespace
             (checked before anything is written).
-        DiskTierError: another process holds the writer lock, unknown format version, I/O or LMDB failure.
+        TierLockedError: another process (or another opener in this one) holds the writer lock.
+        DiskTierError: unknown format version, I/O or LMDB failure.
         DiskFullError: the files cannot be preallocated.
 
     Thread safety: every method may be called from several threads at once.
@@ -309,6 +305,9 @@ class DiskStore:
         self.block_size = model.block_size_bytes
         self.corrupt_count = 0
 
+        # Lock order: _commit_lock before _lock, never the other way. Callers' locks come first: the disk pool
+        # calls in with its own locks held (its register lock around write_blocks/commit_written, its pool lock
+        # around delete/touch), so nothing here may call back into a pool.
         self._lock = threading.Lock()  # in-memory maps; never held across I/O or commits
         self._commit_lock = threading.Lock()  # serialises registry write transactions and their map updates
         self._rows: dict[bytes, Row] = {}
@@ -363,12 +362,7 @@ class DiskStore:
 
     def _check_meta(self, meta: dict[str, Any]) -> None:
         """Refuse a tier made by another format/model/algorithm/namespace. Writes nothing."""
-        version = meta.get("format_version")
-        if version not in READABLE_FORMAT_VERSIONS:
-            raise DiskTierError(
-                f"disk tier {self.root} has format version {version!r}; this tiered_kv reads versions "
-                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
-            )
+        check_format_version(meta, self.root)
         mine = {
             "fingerprint": self.model.fingerprint(),
             "hash_algorithm": self.hash_algorithm,
@@ -385,9 +379,11 @@ class DiskStore:
         with _OPEN_HERE_LOCK:
             mode = _OPEN_HERE.get(self.root)
             if mode is not None:
+                why = "LMDB allows one handle per process: share that DiskStore"
+                if mode == "writer" and not self.readonly:
+                    raise TierLockedError(self.root, f"this process (pid={os.getpid()}, writer)", why)
                 raise DiskTierError(
-                    f"disk tier {self.root} is already open in this process (pid={os.getpid()}, {mode}); "
-                    "LMDB allows one handle per process: share that DiskStore"
+                    f"disk tier {self.root} is already open in this process (pid={os.getpid()}, {mode}); {why}"
                 )
             _OPEN_HERE[self.root] = "read-only" if self.readonly else "writer"
         self._registered_here = True
@@ -407,15 +403,14 @@ class DiskStore:
             self._check_meta(meta)
             self._apply_meta(meta)
             self._rows = _padded(self._registry.load_rows())
-            self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
-            self.backend.open(self._paths(), readonly=True)
-            self._backend_opened = True
+            self._by_slot = {row.slot: key for key, row in self._rows.items()}
+            self._open_backend(readonly=True)
             return
 
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
-            raise _os_error(exc, f"creating {self.root}") from exc
+            raise disk_error(exc, f"creating {self.root}") from exc
         self._writer_lock = _WriterLock(self.root)
         want = self.config.num_blocks
         map_size = max(_MIN_MAP_SIZE, want * _MAP_BYTES_PER_BLOCK)
@@ -437,8 +432,7 @@ class DiskStore:
             self._size_files(want)
             self._registry.commit(meta=meta)
             self._registry.sync()
-            self.backend.open(self._paths(), readonly=False)
-            self._backend_opened = True
+            self._open_backend(readonly=False)
         else:
             self._check_meta(meta)
             self._apply_meta(meta)
@@ -449,13 +443,12 @@ class DiskStore:
             self._reconcile()
             # Grow first (and keep the old files whole until a shrink has moved the survivors).
             self._size_files(max(old, want), shrink=False)
-            self.backend.open(self._paths(), readonly=False)
-            self._backend_opened = True
+            self._open_backend(readonly=False)
             if want > old:
                 meta = {**meta, "capacity": want}
                 self._registry.commit(meta=meta)  # after the files were grown (rule 6)
                 self._registry.sync()
-            elif want < old or any(row[_SLOT] >= want for row in self._rows.values()):
+            elif want < old or max(map(itemgetter(0), self._rows.values()), default=-1) >= want:  # slot: C pass
                 self._shrink(meta, want)
             self._size_files(want)  # exact sizes (also finishes a shrink interrupted after its commit)
             self.capacity_ = want
@@ -469,6 +462,11 @@ class DiskStore:
             self.backend_name,
             self.durability,
         )
+
+    def _open_backend(self, *, readonly: bool) -> None:
+        with translated(f"opening the data files of disk tier {self.root}"):
+            self.backend.open(self._paths(), readonly=readonly)
+        self._backend_opened = True
 
     def _apply_meta(self, meta: dict[str, Any]) -> None:
         self.capacity_ = int(meta["capacity"])
@@ -505,31 +503,37 @@ class DiskStore:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            raise _os_error(exc, f"sizing the data files of {self.root} for {capacity} blocks") from exc
+            raise disk_error(exc, f"sizing the data files of {self.root} for {capacity} blocks") from exc
 
     def _reconcile(self) -> None:
         """Drop malformed rows and all but the newest row of any slot (rule 5)."""
         assert self._registry is not None
+        rows = self._rows
+        # Fast path, every check a C-level pass: all rows well-formed Rows, non-negative int slots, no slot twice.
+        # A million-row tier opens without a Python-level step per row.
+        if set(map(type, rows.values())) <= {Row}:
+            slots = list(map(itemgetter(0), rows.values()))
+            if set(map(type, slots)) <= {int} and min(slots, default=0) >= 0 and len(set(slots)) == len(slots):
+                if not set(map(len, rows.values())) <= {len(ROW_FIELDS)}:
+                    _padded(rows)
+                if set(map(len, rows.values())) <= {len(ROW_FIELDS)}:
+                    self._by_slot = dict(zip(slots, rows))
+                    return
         bad: list[bytes] = []
         by_slot: dict[int, bytes] = {}
         for key, row in self._rows.items():
-            if (
-                not isinstance(row, list)
-                or len(row) not in _ROW_LENS
-                or not isinstance(row[_SLOT], int)
-                or row[_SLOT] < 0
-            ):
+            if not is_row(row):
                 bad.append(key)
                 continue
-            pad_row(row)
-            other = by_slot.get(row[_SLOT])
+            row = self._rows[key] = pad_row(row)  # a value changes, no key: safe while iterating
+            other = by_slot.get(row.slot)
             if other is not None:
-                loser = key if self._rows[other][_CREATED] >= row[_CREATED] else other
+                loser = key if self._rows[other].created >= row.created else other
                 bad.append(loser)
                 if loser == other:
-                    by_slot[row[_SLOT]] = key
+                    by_slot[row.slot] = key
             else:
-                by_slot[row[_SLOT]] = key
+                by_slot[row.slot] = key
         if bad:
             logger.warning("disk tier %s: dropping %d malformed or slot-conflicting rows", self.root, len(bad))
             self._registry.commit(deletes=bad)
@@ -549,11 +553,7 @@ class DiskStore:
         version = meta.get("format_version")
         if version != 1:  # _check_meta let it through, so this is a version this code reads but cannot upgrade
             raise DiskTierError(f"disk tier {self.root}: no migration from format version {version!r}")
-        puts = {
-            key: pad_row(row)
-            for key, row in self._rows.items()
-            if isinstance(row, list) and len(row) in _ROW_LENS and len(row) < len(ROW_FIELDS)
-        }
+        puts = {key: pad_row(row) for key, row in self._rows.items() if is_row(row) and len(row) < len(ROW_FIELDS)}
         migrated = {**meta, "format_version": FORMAT_VERSION}
         try:
             self._registry.commit(puts=puts, meta=migrated)
@@ -564,6 +564,7 @@ class DiskStore:
                 f"({exc}); it is unchanged, and older tiered_kv versions or read-only openers can still read it"
             ) from exc
         self._meta = migrated
+        self._rows.update(puts)
         logger.info(
             "disk tier %s migrated from format version %s to %s (%d rows)", self.root, version, FORMAT_VERSION,
             len(puts),
@@ -573,7 +574,7 @@ class DiskStore:
     def _shrink(self, meta: dict[str, Any], capacity: int) -> None:
         """Keep the most recently used rows that fit in ``capacity`` slots (rule 6)."""
         assert self._registry is not None
-        ranked = sorted(self._rows.items(), key=lambda kv: kv[1][_ACCESS], reverse=True)
+        ranked = sorted(self._rows.items(), key=lambda kv: kv[1].last_access, reverse=True)
         keep, drop = ranked[:capacity], [key for key, _ in ranked[capacity:]]
         if drop:
             # Dropped rows go first, durably: their low slots become targets of the copies below.
@@ -581,9 +582,9 @@ class DiskStore:
             self._registry.sync()
             for key in drop:
                 self._rows.pop(key)
-        used_low = {row[_SLOT] for _, row in keep if row[_SLOT] < capacity}
+        used_low = {row.slot for _, row in keep if row.slot < capacity}
         free_low = (s for s in range(capacity) if s not in used_low)
-        movers = [(key, row, next(free_low)) for key, row in keep if row[_SLOT] >= capacity]
+        movers = [(key, row, next(free_low)) for key, row in keep if row.slot >= capacity]
         moved, lost = self._copy_to_slots(movers, "shrinking")
         if lost:
             self.corrupt_count += len(lost)
@@ -593,7 +594,7 @@ class DiskStore:
         for key in lost:
             self._rows.pop(key)
         self._rows.update(moved)
-        self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
+        self._by_slot = {row.slot: key for key, row in self._rows.items()}
         logger.info(
             "disk tier %s shrunk to %d blocks: %d dropped, %d moved, %d corrupt",
             self.root,
@@ -616,22 +617,22 @@ class DiskStore:
         for start in range(0, len(movers), per):
             batch = movers[start : start + per]
             buf = aligned_empty(len(batch) * self.block_size).view(len(batch), self.block_size)
-            results = self.backend.pread_blocks([self._op(row[_SLOT], buf[i]) for i, (_, row, _) in enumerate(batch)])
+            results = self.backend.pread_blocks([self._op(row.slot, buf[i]) for i, (_, row, _) in enumerate(batch)])
             good = []
             for i, (key, row, new_slot) in enumerate(batch):
-                if results[i] is None and _checksum(buf[i]) == row[_CSUM]:
+                if results[i] is None and _checksum(buf[i]) == row.checksum:
                     good.append(i)
-                    moved[key] = [new_slot, *row[1:]]
+                    moved[key] = row.moved(new_slot)
                 else:
                     lost.append(key)
             try:
                 self.backend.pwrite_blocks([self._op(batch[i][2], buf[i]) for i in good])
             except OSError as exc:
-                raise _os_error(exc, f"moving blocks while {why} {self.root}") from exc
+                raise disk_error(exc, f"moving blocks while {why} {self.root}") from exc
         try:
             self.backend.sync()  # copies durable before any row points at them (rule 1)
         except OSError as exc:
-            raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
+            raise disk_error(exc, f"syncing moved blocks of {self.root}") from exc
         return moved, lost
 
     def compact(self, exclude: Iterable[int] = ()) -> dict[bytes, tuple[int, int]]:
@@ -656,11 +657,11 @@ class DiskStore:
                 rows = dict(self._rows)
                 inflight = set(self._inflight)
             live = len(rows)
-            used = {row[_SLOT] for row in rows.values()}
+            used = {row.slot for row in rows.values()}
             targets = [s for s in range(live) if s not in used and s not in pinned and s not in inflight]
             movers = sorted(
-                ((k, row) for k, row in rows.items() if row[_SLOT] >= live and row[_SLOT] not in pinned),
-                key=lambda kr: kr[1][_SLOT],
+                ((k, row) for k, row in rows.items() if row.slot >= live and row.slot not in pinned),
+                key=lambda kr: kr[1].slot,
             )[: len(targets)]
             moved, lost = self._copy_to_slots(
                 [(key, row, new_slot) for (key, row), new_slot in zip(movers, targets)], "compacting"
@@ -672,7 +673,7 @@ class DiskStore:
                 for key in lost:
                     self._rows.pop(key, None)
                 self._rows.update(moved)
-                self._by_slot = {row[_SLOT]: key for key, row in self._rows.items()}
+                self._by_slot = {row.slot: key for key, row in self._rows.items()}
                 self.corrupt_count += len(lost)
                 extent = max(self._by_slot, default=-1) + 1
                 extent = max(extent, max(inflight, default=-1) + 1, max(pinned, default=-1) + 1)
@@ -680,7 +681,7 @@ class DiskStore:
         self._size_files(extent, shrink=True)
         logger.info("disk tier %s compacted: %d moved, %d corrupt, files cover %d slots", self.root, len(moved),
                     len(lost), extent)
-        return {k: (rows[k][_SLOT], row[_SLOT]) for k, row in moved.items()}
+        return {k: (rows[k].slot, row.slot) for k, row in moved.items()}
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -709,13 +710,12 @@ class DiskStore:
             raise DiskTierError(f"disk tier {self.root} is open read-only")
         return self._registry
 
-    def _check_hash(self, key: object) -> bytes:
-        if not isinstance(key, bytes):
-            raise DiskTierError(f"a sequence hash must be bytes, got {type(key).__name__}")
-        want = _HASH_LEN[self.hash_algorithm]
-        if len(key) != want:
-            raise DiskTierError(f"a {self.hash_algorithm} sequence hash has {want} bytes, got {len(key)}")
-        return bytes(key)
+    def _check_hash(self, key: object, what: str = "sequence hash") -> bytes:
+        try:
+            # Plain bytes: a stored SequenceHash would keep its whole chain alive.
+            return bytes(check_hash(key, self.hash_algorithm, f"{self.hash_algorithm} {what}"))
+        except ValueError as exc:
+            raise DiskTierError(str(exc)) from None
 
     def _check_tensor(self, t: torch.Tensor, n: int, what: str) -> None:
         shape = (n, *self.model.block_shape)
@@ -775,9 +775,7 @@ class DiskStore:
             if p is None:
                 parent_keys.append(None)
                 continue
-            if not isinstance(p, (bytes, bytearray, memoryview)):
-                raise DiskTierError(f"a parent must be a sequence hash (bytes) or None, got {type(p).__name__}")
-            pk = self._check_hash(bytes(p))
+            pk = self._check_hash(p, "parent (a sequence hash or None)")
             if pk == key:
                 raise DiskTierError(f"block {key.hex()} cannot be its own parent")
             parent_keys.append(pk)
@@ -793,7 +791,7 @@ class DiskStore:
         with self._lock:
             touched, self._pending_touch = self._pending_touch, set()
             dropped = set(deletes)
-            touch_rows = {k: list(self._rows[k]) for k in touched if k in self._rows and k not in dropped}
+            touch_rows = {k: self._rows[k] for k in touched if k in self._rows and k not in dropped}
         try:
             self._registry.commit(puts={**touch_rows, **(puts or {})}, deletes=deletes)
         except BaseException:
@@ -839,7 +837,7 @@ class DiskStore:
         with self._lock:
             for key in keys:
                 if key in self._rows:
-                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key].slot}")
         self._row_extras(hashes, keys, tokens, parents)  # bad tokens or parents: refused before any write
         if parents is None:
             parents = [getattr(h, "parent", None) for h in hashes]
@@ -880,7 +878,7 @@ class DiskStore:
                 self.backend.pwrite_blocks([self._op(s, flat[i]) for i, s in enumerate(slot_list)])
             except OSError as exc:
                 # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
-                raise _os_error(exc, f"writing {n} blocks to {self.root}") from exc
+                raise disk_error(exc, f"writing {n} blocks to {self.root}") from exc
             self._data_dirty = True
             return checksums
         finally:
@@ -893,7 +891,7 @@ class DiskStore:
         flat = self._flat_blocks([out], 1, "out")
         err = self.backend.pread_blocks([self._op(int(slot), flat[0])])[0]
         if err is not None:
-            raise _os_error(err, f"reading back slot {slot} of {self.root}")
+            raise disk_error(err, f"reading back slot {slot} of {self.root}")
 
     def commit_written(
         self,
@@ -926,15 +924,15 @@ class DiskStore:
                 if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
                     raise DiskTierError(f"slot {slot} is not a free slot of the disk tier")
                 if key in self._rows:
-                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key].slot}")
         if self.durability == "sync":
             try:
                 self.backend.sync()  # rule 1: data durable before its row commits
             except OSError as exc:
-                raise _os_error(exc, f"syncing {n} blocks to {self.root}") from exc
+                raise disk_error(exc, f"syncing {n} blocks to {self.root}") from exc
         now = time.time()
         rows: dict[bytes, Row] = {
-            k: [s, c, self.block_size, now, now, 0, *x]
+            k: Row(s, c, self.block_size, now, now, 0, *x)
             for k, s, c, x in zip(keys, slot_list, checksums, extras, strict=True)
         }
         with self._commit_lock:
@@ -960,42 +958,46 @@ class DiskStore:
             with self._lock:
                 for k in present:
                     row = self._rows.pop(k)
-                    self._by_slot.pop(row[_SLOT], None)
+                    self._by_slot.pop(row.slot, None)
 
     def touch(self, hashes: Sequence[bytes]) -> None:
         """Refresh recency (last_access, hits) of stored blocks; buffered, committed within about a second."""
         self._check_open()
         now = time.time()
+        rows = self._rows
         with self._lock:
             for h in hashes:
-                row = self._rows.get(h)
+                row = rows.get(h)
                 if row is not None:
-                    row[_ACCESS] = now
-                    row[_HITS] += 1
+                    rows[h] = row.touched(now)
                     if not self.readonly:
                         self._pending_touch.add(h)
 
     # -- reads ------------------------------------------------------------------------------------
-    def _alloc(self, n: int) -> torch.Tensor:
+    def alloc_blocks(self, n: int) -> torch.Tensor:
+        """A new ``[n, *block_shape]`` CPU tensor in the model dtype, 4 KiB-aligned (reads into it skip the bounce
+        copy under O_DIRECT); its contents are undefined."""
         raw = aligned_empty(n * self.block_size)
         return raw.view(self.model.torch_dtype).reshape(n, *self.model.block_shape)
+
+    _alloc = alloc_blocks  # the old private name (storage/disk_tier.py still calls it)
 
     def _read_verify(self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor | list[torch.Tensor]) -> list[int]:
         """Read ``items`` into ``out`` (a batch, or one flat uint8 view per block); return the indices that failed."""
         n = len(items)
         flat = out if isinstance(out, list) else list(out.view(torch.uint8).reshape(n, self.block_size))
-        results = self.backend.pread_blocks([self._op(row[_SLOT], flat[i]) for i, (_, row) in enumerate(items)])
+        results = self.backend.pread_blocks([self._op(row.slot, flat[i]) for i, (_, row) in enumerate(items)])
         host = [f if f.device.type == "cpu" else f.cpu() for f in flat]
         bad: list[int] = []
         for i, (key, row) in enumerate(items):
             err = results[i]
             if err is not None:
-                logger.warning("%s", _os_error(err, f"reading block {key.hex()} (slot {row[_SLOT]})"))
+                logger.warning("%s", disk_error(err, f"reading block {key.hex()} (slot {row.slot})"))
                 bad.append(i)
-            elif _checksum(host[i]) != row[_CSUM]:
+            elif _checksum(host[i]) != row.checksum:
                 logger.warning(
                     "%s",
-                    CorruptBlockError(f"block {key.hex()} in slot {row[_SLOT]} of {self.root} failed its checksum"),
+                    CorruptBlockError(f"block {key.hex()} in slot {row.slot} of {self.root} failed its checksum"),
                 )
                 bad.append(i)
         return bad
@@ -1006,7 +1008,7 @@ class DiskStore:
         still: list[tuple[bytes, Row]] = []
         for key, row in items:
             fresh = self._registry.get(key)
-            if fresh is not None and fresh[_SLOT] == row[_SLOT] and fresh[_CSUM] == row[_CSUM]:
+            if fresh is not None and fresh.same_block(row):
                 still.append((key, fresh))
         if not still:
             return []
@@ -1022,13 +1024,14 @@ class DiskStore:
             return confirmed
         with self._commit_lock:
             with self._lock:
-                gone = [k for k, row in items if self._rows.get(k) is row]
+                # Still the block that failed (a touch since then made a new row of the same block).
+                gone = [k for k, row in items if (cur := self._rows.get(k)) is not None and cur.same_block(row)]
             if gone:
                 self._commit(deletes=gone)
                 with self._lock:
                     for k in gone:
                         row = self._rows.pop(k)
-                        self._by_slot.pop(row[_SLOT], None)
+                        self._by_slot.pop(row.slot, None)
                     self.corrupt_count += len(gone)
         return gone
 
@@ -1083,7 +1086,7 @@ class DiskStore:
         rows = _padded(reg.load_rows())
         with self._lock:
             self._rows = rows
-            self._by_slot = {row[_SLOT]: key for key, row in rows.items()}
+            self._by_slot = {row.slot: key for key, row in rows.items()}
 
     def entries(self) -> list[Entry]:
         """All live blocks, least recently used first, ties by slot (to rebuild the pool's bookkeeping at open)."""
@@ -1099,7 +1102,7 @@ class DiskStore:
         """
         with gc_paused():
             items, order = self._lru_order()
-            return [(k, r[_SLOT], r[_TOKENS], r[_PARENT]) for k, r in (items[i] for i in order)]
+            return [(k, r.slot, r.tokens, r.parent) for k, r in (items[i] for i in order)]
 
     def _lru_order(self) -> tuple[list[tuple[bytes, Row]], list[int]]:
         self.refresh()
@@ -1107,8 +1110,8 @@ class DiskStore:
             items = list(self._rows.items())
         # numpy's argsort on the access times: ~5x faster than sorting a million Python tuples.
         # Ties (one batch shares a timestamp) are broken by slot so the order is the same after a reopen.
-        access = np.fromiter((r[_ACCESS] for _, r in items), dtype=np.float64, count=len(items))
-        slots = np.fromiter((r[_SLOT] for _, r in items), dtype=np.int64, count=len(items))
+        access = np.fromiter((r.last_access for _, r in items), dtype=np.float64, count=len(items))
+        slots = np.fromiter((r.slot for _, r in items), dtype=np.int64, count=len(items))
         return items, np.lexsort((slots, access)).tolist()
 
     def lookup(self, hash: bytes) -> Entry | None:
@@ -1118,17 +1121,16 @@ class DiskStore:
         if self.readonly:
             row = reg.get(key)
             if row is not None:
-                pad_row(row)
                 with self._lock:
                     old = self._rows.get(key)
                     if old is not None:
-                        self._by_slot.pop(old[_SLOT], None)
+                        self._by_slot.pop(old.slot, None)
                     self._rows[key] = row
-                    self._by_slot[row[_SLOT]] = key
+                    self._by_slot[row.slot] = key
             return None if row is None else _entry(key, row)
         with self._lock:
             row = self._rows.get(key)
-            return None if row is None else _entry(key, list(row))
+        return None if row is None else _entry(key, row)
 
     def block_location(self, hash: bytes) -> tuple[str, int, int] | None:
         """``(file path relative to the tier directory, byte offset, size in bytes)`` of a block, or None."""
@@ -1143,7 +1145,7 @@ class DiskStore:
         reg = self._check_open()
         with self._lock:
             used = len(self._rows)
-            access = [r[_ACCESS] for r in self._rows.values()]
+            access = [r.last_access for r in self._rows.values()]
         files = [os.path.basename(p) for p in self._paths()]
         data_bytes = 0
         for p in self._paths():
@@ -1208,17 +1210,17 @@ class DiskStore:
         self._check_open()
         self.refresh()
         with self._lock:
-            parents = {k: r[_PARENT] for k, r in self._rows.items()}
-            slot = {k: r[_SLOT] for k, r in self._rows.items()}
+            parents = {k: r.parent for k, r in self._rows.items()}
+            slot = {k: r.slot for k, r in self._rows.items()}
         return sorted(find_orphans(parents), key=slot.__getitem__)
 
     def _verify(self, repair: bool, progress: Callable[[int, int], None] | None, *, chains: bool) -> VerifyReport:
         self._check_open(write=repair)
         self.refresh()
         with self._lock:
-            items = sorted(((k, list(r)) for k, r in self._rows.items()), key=lambda kv: kv[1][_SLOT])
-        outside = [k for k, r in items if r[_SLOT] >= self.capacity_]
-        valid = [(k, r) for k, r in items if r[_SLOT] < self.capacity_]
+            items = sorted(self._rows.items(), key=lambda kv: kv[1].slot)
+        outside = [k for k, r in items if r.slot >= self.capacity_]
+        valid = [(k, r) for k, r in items if r.slot < self.capacity_]
         per = max(1, _IO_BATCH_BYTES // self.stride)
         failed: list[tuple[bytes, Row]] = []
         buf = self._alloc(min(per, max(1, len(valid))))
@@ -1234,7 +1236,7 @@ class DiskStore:
         orphans: list[bytes] = []
         if chains:
             # The same snapshot as the reads; blocks about to be reported as bad count as gone.
-            found = find_orphans({k: r[_PARENT] for k, r in items}, absent=[*bad, *outside])
+            found = find_orphans({k: r.parent for k, r in items}, absent=[*bad, *outside])
             orphans = [k for k, _ in items if k in found]
         if repair and (bad or outside or orphans):
             drop = bad + outside + orphans
@@ -1243,8 +1245,8 @@ class DiskStore:
                 with self._lock:
                     for k in drop:
                         row = self._rows.pop(k, None)
-                        if row is not None and self._by_slot.get(row[_SLOT]) == k:
-                            del self._by_slot[row[_SLOT]]
+                        if row is not None and self._by_slot.get(row.slot) == k:
+                            del self._by_slot[row.slot]
                     self.corrupt_count += len(bad)
         return VerifyReport(
             checked=len(valid),
@@ -1263,7 +1265,7 @@ class DiskStore:
             self.backend.sync()
         except OSError as exc:
             self._data_dirty = True
-            raise _os_error(exc, f"syncing the data files of {self.root}") from exc
+            raise disk_error(exc, f"syncing the data files of {self.root}") from exc
         self._registry.sync()
 
     def _commit_touches(self) -> None:

@@ -36,7 +36,8 @@ key and every header); ACL key patterns such as ``~tkv:tenant-a:*`` can enforce 
 
 from __future__ import annotations
 
+from ...errors import RemoteTierError  # defined with the other errors; importable from here as before
 from ._format import FORMAT_VERSION, HEADER_SIZE
-from .store import RemoteStore, RemoteTierError
+from .store import RemoteStore
 
 __all__ = ["FORMAT_VERSION", "HEADER_SIZE", "RemoteStore", "RemoteTierError"]

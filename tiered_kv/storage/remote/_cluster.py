@@ -190,6 +190,9 @@ class Node:
                     replies.append(conn.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
+        # The remote tier's error boundary, in one place: redis-py's exceptions (and socket errors) become
+        # Failure replies, which the store counts as misses or dropped writes; nothing is raised past here.
+        # Error replies (ResponseError: OOM, CLUSTERDOWN, ...) stay in the reply list, one per command.
         except (RedisTimeoutError, TimeoutError) as exc:
             # redis-py has already closed the socket, so no stale reply can reach a later caller.
             self._mark_failed()

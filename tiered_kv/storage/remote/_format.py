@@ -35,7 +35,6 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "HASH_ALGORITHM_IDS",
-    "HASH_LENGTHS",
     "Verdict",
     "identity_digest",
     "key_prefix",
@@ -48,8 +47,7 @@ MAGIC = b"TKVR"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sBBH16sQQQ")
 HEADER_SIZE = HEADER.size  # 48
-HASH_ALGORITHM_IDS = {"sha256": 1, "xxh3_128": 2}
-HASH_LENGTHS = {"sha256": 32, "xxh3_128": 16}
+HASH_ALGORITHM_IDS = {"sha256": 1, "xxh3_128": 2}  # digest lengths: tiered_kv.hashing.HASH_LENGTHS
 _KEY_SAFE = "-_.~/@+=,!*()"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,11 +19,12 @@ import numpy as np
 import torch
 
 from ...config import HASH_ALGORITHMS, ModelConfig
-from ...errors import ConfigError, TieredKvError
+from ...errors import ConfigError, RemoteTierError
+from ...hashing import check_hash
+from ...metrics import RecentLatencies
 from ._cluster import Command, Failure, Router, pack_command, parse_url_option
 from ._format import (
     HASH_ALGORITHM_IDS,
-    HASH_LENGTHS,
     HEADER_SIZE,
     Verdict,
     identity_digest,
@@ -33,26 +33,12 @@ from ._format import (
     verify_value,
 )
 
-__all__ = ["RemoteStore", "RemoteTierError"]
+__all__ = ["RemoteStore", "RemoteTierError"]  # RemoteTierError: defined in tiered_kv.errors, importable from here
 
 logger = logging.getLogger("tiered_kv.remote")
 
 _LATENCY_SAMPLES = 4096
 _INLINE_PAYLOAD = 16 << 10  # smaller payloads are copied into the command buffer instead of sent separately
-
-
-class RemoteTierError(TieredKvError):
-    """The remote tier was misused (bad hash, wrong tensor shape, closed store).
-
-    Remote failures (unreachable, slow, corrupt values) are never raised: they are misses or dropped writes.
-    """
-
-
-def _percentile(samples: Sequence[float], q: float) -> float:
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class RemoteStore:
@@ -149,7 +135,6 @@ class RemoteStore:
         self.fingerprint = model.fingerprint()
         self._identity = identity_digest(self.fingerprint, namespace, hash_algorithm)
         self._algo_id = HASH_ALGORITHM_IDS[hash_algorithm]
-        self._hash_len = HASH_LENGTHS[hash_algorithm]
         self._prefix = key_prefix(namespace, self.fingerprint)
         self._lock = threading.Lock()
         self._closed = False
@@ -170,8 +155,8 @@ class RemoteStore:
             ),
             0,
         )
-        self._get_lat: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
-        self._put_lat: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self._get_lat = RecentLatencies(_LATENCY_SAMPLES)
+        self._put_lat = RecentLatencies(_LATENCY_SAMPLES)
         self._router = Router(
             url_list,
             cluster=use_cluster,
@@ -191,14 +176,11 @@ class RemoteStore:
             raise RemoteTierError("the remote store is closed")
 
     def _keys(self, hashes: Sequence[bytes]) -> list[bytes]:
-        keys = []
-        for h in hashes:
-            if not isinstance(h, (bytes, bytearray)):
-                raise RemoteTierError(f"a sequence hash must be bytes, got {type(h).__name__}")
-            if len(h) != self._hash_len:
-                raise RemoteTierError(f"a {self.hash_algorithm} sequence hash has {self._hash_len} bytes, got {len(h)}")
-            keys.append(self.key(bytes(h)))
-        return keys
+        what = f"{self.hash_algorithm} sequence hash"
+        try:
+            return [self.key(check_hash(h, self.hash_algorithm, what)) for h in hashes]
+        except ValueError as exc:
+            raise RemoteTierError(str(exc)) from None
 
     def _check_tensor(self, t: torch.Tensor, n: int, what: str) -> None:
         shape = (n, *self.model.block_shape)
@@ -268,7 +250,7 @@ class RemoteStore:
             self._counts["puts"] += written
             self._counts["put_failures"] += n - written
             self._counts["bytes_out"] += written * self.block_size
-            self._put_lat.append(elapsed)
+            self._put_lat.observe(elapsed)
         return written
 
     def delete(self, hashes: Sequence[bytes]) -> None:
@@ -339,7 +321,7 @@ class RemoteStore:
             self._counts["misses"] += n - hits
             self._counts["corrupt"] += len(corrupt)
             self._counts["bytes_in"] += hits * self.block_size
-            self._get_lat.append(elapsed)
+            self._get_lat.observe(elapsed)
         if corrupt:
             # A corrupt value would fail every later read too; dropping it lets a good copy be written again.
             self._router.dispatch([Command(keys[i], [pack_command(b"DEL", keys[i])]) for i in corrupt])
@@ -379,7 +361,6 @@ class RemoteStore:
         stats = self._router.stats
         with self._lock:
             m: dict[str, Any] = dict(self._counts)
-            gets, puts = list(self._get_lat), list(self._put_lat)
         with stats.lock:
             m.update(
                 timeouts=stats.timeouts,
@@ -390,10 +371,10 @@ class RemoteStore:
             )
         m["hit_rate"] = m["hits"] / m["gets"] if m["gets"] else 0.0
         m["nodes"] = len(self._router.nodes)
-        m["get_latency_p50_ms"] = _percentile(gets, 0.5) * 1e3
-        m["get_latency_p99_ms"] = _percentile(gets, 0.99) * 1e3
-        m["put_latency_p50_ms"] = _percentile(puts, 0.5) * 1e3
-        m["put_latency_p99_ms"] = _percentile(puts, 0.99) * 1e3
+        for name, latencies in (("get", self._get_lat), ("put", self._put_lat)):
+            p50, p99 = latencies.percentiles(50, 99)
+            m[f"{name}_latency_p50_ms"] = p50 * 1e3
+            m[f"{name}_latency_p99_ms"] = p99 * 1e3
         m["latency_p50_ms"] = m["get_latency_p50_ms"]
         m["latency_p99_ms"] = m["get_latency_p99_ms"]
         return m
