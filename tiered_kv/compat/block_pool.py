@@ -159,7 +159,7 @@ class BlockPool:
         """
         if len(block_ids) != len(block_hashes):
             raise ValueError(f"block_ids and block_hashes differ in length: {len(block_ids)} != {len(block_hashes)}")
-        hashes = self.pool._validate_hashes(block_hashes, "block_hashes")
+        hashes = self.pool.validate_hashes(block_hashes, "block_hashes")
         mutables = self._table.take_mutable(block_ids)
         try:
             cached = self.pool.register_blocks(mutables, hashes)

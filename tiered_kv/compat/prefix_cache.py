@@ -267,7 +267,7 @@ class PrefixCacheManager:
             NotEnoughBlocksAvailable: the device tier cannot give them; nothing was allocated.
             ValueError: ``start_index`` out of range, or a malformed hash.
         """
-        hashes = self.pool._validate_hashes(list(block_hashes), "block_hashes")
+        hashes = self.pool.validate_hashes(list(block_hashes), "block_hashes")
         if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index <= len(hashes):
             raise ValueError(f"start_index must be an int in [0, {len(hashes)}], got {start_index!r}")
         todo = list(block_hashes)[start_index:]
