@@ -293,10 +293,13 @@ class OffloadScheduler:
             if not todo:
                 return
             data, bad = pool.storage.gather([s for _, s in todo])
+            toks, _ = pool.lineage_at([s for _, s in todo])  # stored with the value: remote hits check them
             good = [i for i in range(len(todo)) if i not in set(bad)]
             if good:
                 idx = torch.tensor(good)
-                remote.enqueue([todo[i][0] for i in good], data.index_select(0, idx.to(data.device)))
+                remote.enqueue(
+                    [todo[i][0] for i in good], data.index_select(0, idx.to(data.device)), [toks[i] for i in good]
+                )
 
         if mode == "write_back":
             bottom = self.pools[-1]

@@ -51,14 +51,17 @@ class RemoteTier(SnapshotSource):
         self.misses = 0
         self.writes = 0
         self.dropped_writes = 0
-        self.queue: WorkQueue[tuple[list[bytes], torch.Tensor]] = WorkQueue(
+        self.queue: WorkQueue[tuple[list[bytes], torch.Tensor, list[bytes | None]]] = WorkQueue(
             remote.max_queued_blocks, lambda job: len(job[0]), self._write, 1, "tiered-kv-remote-writer"
         )
         self.max_fetch = 1 << 30
 
     # -------------------------------------------------------------------------------------------- writes
-    def enqueue(self, hashes: Sequence[bytes], data: torch.Tensor) -> None:
-        """Queue blocks for a background write (a snapshot: the caller may reuse its memory)."""
+    def enqueue(
+        self, hashes: Sequence[bytes], data: torch.Tensor, tokens: Sequence[bytes | None] | None = None
+    ) -> None:
+        """Queue blocks for a background write (a snapshot: the caller may reuse its memory), with their token
+        ids when known (stored with each value, so that a later match with ``tokens=`` can check them)."""
         keep = [i for i, h in enumerate(hashes) if h not in self._known]
         if not keep:
             return
@@ -72,13 +75,14 @@ class RemoteTier(SnapshotSource):
             self.queue.unreserve(len(take))
             raise
         queued = [hashes[i] for i in take]
+        toks: list[bytes | None] = [tokens[i] for i in take] if tokens is not None else [None] * len(take)
         self._remember(queued)  # queued counts as known: another tier registering it must not queue it twice
-        self.queue.put((queued, snap))
+        self.queue.put((queued, snap, toks))
 
-    def _write(self, job: tuple[list[bytes], torch.Tensor]) -> None:
-        hashes, data = job
+    def _write(self, job: tuple[list[bytes], torch.Tensor, list[bytes | None]]) -> None:
+        hashes, data, tokens = job
         try:
-            written = self.store.put_blocks(hashes, data)
+            written = self.store.put_blocks(hashes, data, tokens)
         except Exception:  # counted as dropped; the queue's worker logs nothing more
             log.exception("remote write of %d blocks failed", len(hashes))
             written = 0
@@ -109,7 +113,7 @@ class RemoteTier(SnapshotSource):
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (up to ``timeout``), then stop and disconnect."""
-        dropped = sum(len(h) for h, _ in self.queue.stop(timeout))
+        dropped = sum(len(job[0]) for job in self.queue.stop(timeout))
         if dropped:
             self.dropped_writes += dropped
             log.warning("remote tier: %d queued writes dropped at close", dropped)
@@ -131,8 +135,8 @@ class RemoteTier(SnapshotSource):
     ) -> list[Any]:
         """See :meth:`MatchSource.match_run`. One pipelined GET of up to ``max_fetch`` hashes.
 
-        Remote values carry no token ids, so ``expected`` cannot be checked here: a remote hit is trusted to the
-        strength of the sequence hash.
+        Values carry the token ids their writer knew: with ``expected``, a value stored with other token ids ends
+        the run (a hash collision is a miss); a value stored without any is trusted to the sequence hash.
         """
         want: list[bytes] = []
         for i in range(start, min(len(hashes), start + self.max_fetch)):
@@ -142,12 +146,14 @@ class RemoteTier(SnapshotSource):
             want.append(h)
         if not want:
             return []
-        data, ok = self.store.get_blocks(want)
+        data, ok, toks = self.store.get_blocks_with_tokens(want)
         out: list[SnapshotBlock] = []
         for i, h in enumerate(want):
             if not ok[i]:
                 break
-            out.append(SnapshotBlock(self, h, data[i], None))
+            if expected is not None and toks[i] not in (None, expected[start + i]):
+                break
+            out.append(SnapshotBlock(self, h, data[i], toks[i]))
         self.hits += len(out)
         self.misses += 1 if len(out) < len(want) else 0
         if out:

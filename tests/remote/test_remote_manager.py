@@ -139,3 +139,31 @@ def test_blockset_export_import(shared_server: RedisServer) -> None:
             b.import_remote_blockset(a.export_local_blockset())
         with pytest.raises(ValueError, match="blockset"):
             b.import_remote_blockset(b"\x00not msgpack")
+
+
+def test_remote_hits_check_the_expected_tokens(shared_server: RedisServer) -> None:
+    # A block registered with its token ids carries them to Redis; another node matching the same hashes with other
+    # token ids (a collision, accidental or crafted) misses instead of getting someone else's KV.
+    tokens = list(range(4 * 3))
+    with manager(shared_server.url, namespace="tokens") as writer:
+        hs = writer.sequence_hashes(tokens)
+        blocks = writer.top.allocate_blocks(3)
+        for b, h in zip(blocks, hs):
+            fill(b, h)
+        per_block = [tokens[i * 4 : (i + 1) * 4] for i in range(3)]
+        writer.top.release_blocks(writer.top.register_blocks(blocks, hs, per_block))
+        writer.flush()
+        view = writer.remote()
+        assert view is not None and view.contains(hs) == [True] * 3
+    with manager(shared_server.url, namespace="tokens") as reader:
+        forged = [*tokens[:4], 7, 7, 7, 7, *tokens[8:]]
+        got = reader.match_sequence_hashes(hs, tokens=forged)
+        assert [b.sequence_hash for b in got] == hs[:1]  # the second block's stored tokens differ: the run ends
+        reader.top.release_blocks(got)
+        reader.reset()
+        got = reader.match_sequence_hashes(hs, tokens=tokens)
+        assert [b.sequence_hash for b in got] == hs
+        assert all(torch.equal(block_data(b), content_for(b.sequence_hash)) for b in got)
+        m = reader.metrics()
+        assert m["remote"]["hits"] >= 3 and m["device"]["hits"] == 0  # counted where they were found
+        reader.top.release_blocks(got)

@@ -22,7 +22,6 @@ _namespaces = itertools.count()
 
 
 class _RemoteSuite(MatchSourceTests):
-    stores_tokens = False  # remote values carry no token ids: a remote hit is trusted to the hash
     stores_parents = False
     exact_may_hold = False  # only the round trip in match_run can tell
     url: str | list[str] = ""
@@ -35,7 +34,7 @@ class _RemoteSuite(MatchSourceTests):
         remote = RemoteTier(cfg, RemoteConfig(url=self.url))
         try:
             assert remote.store.put_blocks(
-                [e.sequence_hash for e in entries], torch.stack([e.data for e in entries])
+                [e.sequence_hash for e in entries], torch.stack([e.data for e in entries]), [e.tokens for e in entries]
             ) == len(entries)
             yield remote
         finally:

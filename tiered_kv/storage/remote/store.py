@@ -25,11 +25,12 @@ from ...metrics import RecentLatencies
 from ._cluster import Command, Failure, Router, pack_command, parse_url_option
 from ._format import (
     HASH_ALGORITHM_IDS,
-    HEADER_SIZE,
     Verdict,
     identity_digest,
     key_prefix,
     pack_header,
+    payload_offset,
+    value_tokens,
     verify_value,
 )
 
@@ -203,12 +204,16 @@ class RemoteStore:
             self._count(errors=1)
 
     # -- writes -------------------------------------------------------------------------------------
-    def put_blocks(self, hashes: Sequence[bytes], data: torch.Tensor) -> int:
+    def put_blocks(
+        self, hashes: Sequence[bytes], data: torch.Tensor, tokens: Sequence[bytes | None] | None = None
+    ) -> int:
         """Store ``data[i]`` under ``hashes[i]`` (pipelined SETs, grouped by node); overwrite what is there.
 
         Args:
             hashes: sequence hashes of the blocks.
             data: ``[n, num_layers, outer_dim, page_size, inner_dim]`` in the model dtype (CPU or CUDA).
+            tokens: optionally each block's token ids as uint32 bytes (``tiered_kv.tokens.encode_tokens``), stored
+                with it so that a reader can tell a hash collision from a hit; None entries store none.
 
         Returns:
             How many blocks were written. Blocks not written (node down or slow, OOM under ``noeviction``...)
@@ -221,6 +226,8 @@ class RemoteStore:
         n = len(hashes)
         self._check_tensor(data, n, "data")
         keys = self._keys(hashes)
+        if tokens is not None and len(tokens) != n:
+            raise RemoteTierError(f"tokens: expected one entry per block ({n}), got {len(tokens)}")
         if n == 0:
             return 0
         start = time.perf_counter()
@@ -231,13 +238,14 @@ class RemoteStore:
         commands = []
         for i, key in enumerate(keys):
             payload = memoryview(flat[i])
-            header = pack_header(self._identity, self._algo_id, bytes(hashes[i]), payload)
-            head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, HEADER_SIZE + self.block_size)
+            toks = (tokens[i] if tokens is not None else None) or b""
+            header = pack_header(self._identity, self._algo_id, bytes(hashes[i]), payload, toks) + toks
+            head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, len(header) + self.block_size)
             if self.block_size < _INLINE_PAYLOAD:
                 parts: list[bytes | memoryview] = [head + header + payload.tobytes() + b"\r\n"]
             else:
                 parts = [head + header, payload, b"\r\n"]
-            commands.append(Command(key, parts, len(head) + HEADER_SIZE + self.block_size + 2))
+            commands.append(Command(key, parts, len(head) + len(header) + self.block_size + 2))
         results = self._router.dispatch(commands)
         written = 0
         for res in results:
@@ -270,6 +278,13 @@ class RemoteStore:
 
     # -- reads --------------------------------------------------------------------------------------
     def get_blocks(self, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[bool]]:
+        """Read the blocks of ``hashes``; see :meth:`get_blocks_with_tokens` (which also returns their token ids)."""
+        data, ok, _ = self.get_blocks_with_tokens(hashes, out)
+        return data, ok
+
+    def get_blocks_with_tokens(
+        self, hashes: Sequence[bytes], out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[bool], list[bytes | None]]:
         """Read the blocks of ``hashes`` (pipelined GETs) and verify each value's header and checksum.
 
         Args:
@@ -277,7 +292,8 @@ class RemoteStore:
             out: optional destination ``[n, L, O, P, I]`` CPU tensor in the model dtype, contiguous.
 
         Returns:
-            ``(blocks, ok)``: ``ok[i]`` is True when ``blocks[i]`` holds the verified bytes of ``hashes[i]``.
+            ``(blocks, ok, tokens)``: ``ok[i]`` is True when ``blocks[i]`` holds the verified bytes of ``hashes[i]``;
+            ``tokens[i]`` the token ids stored with it (None when not stored, or not ok).
             Rows with ``ok[i]`` False (missing, unreachable, timed out, bad header, other fingerprint or
             namespace, bad checksum) hold undefined data. Values that failed verification are counted in
             ``corrupt`` and deleted from Redis, best effort.
@@ -295,11 +311,12 @@ class RemoteStore:
             if out.device.type != "cpu" or not out.is_contiguous():
                 raise RemoteTierError("out must be a contiguous CPU tensor")
         if n == 0:
-            return out, []
+            return out, [], []
         start = time.perf_counter()
         results = self._router.dispatch([Command(k, [pack_command(b"GET", k)]) for k in keys])
         dest = out.view(torch.uint8).reshape(n, self.block_size).numpy()
         ok = [False] * n
+        toks: list[bytes | None] = [None] * n
         corrupt: list[int] = []
         for i, value in enumerate(results):
             if isinstance(value, (Failure, Exception)):
@@ -308,7 +325,8 @@ class RemoteStore:
             verdict, why = verify_value(value, self._identity, self._algo_id, bytes(hashes[i]), self.block_size)
             if verdict is Verdict.OK:
                 assert isinstance(value, (bytes, bytearray))
-                dest[i] = np.frombuffer(value, dtype=np.uint8, count=self.block_size, offset=HEADER_SIZE)
+                dest[i] = np.frombuffer(value, dtype=np.uint8, count=self.block_size, offset=payload_offset(value))
+                toks[i] = value_tokens(value)
                 ok[i] = True
             elif verdict is Verdict.CORRUPT:
                 logger.warning("remote block %s failed verification (%s); treated as a miss", keys[i].decode(), why)
@@ -325,7 +343,7 @@ class RemoteStore:
         if corrupt:
             # A corrupt value would fail every later read too; dropping it lets a good copy be written again.
             self._router.dispatch([Command(keys[i], [pack_command(b"DEL", keys[i])]) for i in corrupt])
-        return out, ok
+        return out, ok, toks
 
     def exists(self, hashes: Sequence[bytes]) -> list[bool]:
         """Whether each block is present remotely (pipelined EXISTS; unreachable -> False).
