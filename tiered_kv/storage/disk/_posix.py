@@ -210,8 +210,8 @@ class PosixBackend(DiskBackend):
         else:
             _pread_all(fd, arr.data, op.offset)
 
-    def _run(self, ops: Sequence[IoOp], one: Callable[[IoOp], None]) -> list[OSError | None]:
-        """Run ``one`` over ``ops`` on the pool; every op finishes before this returns."""
+    def _run(self, ops: Sequence[IoOp], one: Callable[[int], None]) -> list[OSError | None]:
+        """Run ``one(i)`` for every op on the pool; every op finishes before this returns."""
         pool = self._pool
         if pool is None:
             raise OSError(errno.EBADF, "disk backend is closed")
@@ -223,7 +223,7 @@ class PosixBackend(DiskBackend):
         def chunk(start: int, stop: int) -> None:
             for i in range(start, stop):
                 try:
-                    one(ops[i])
+                    one(i)
                 except OSError as exc:
                     results[i] = exc
 
@@ -243,7 +243,10 @@ class PosixBackend(DiskBackend):
         """Write all ops in parallel; raise the first OSError after every op has finished."""
         if not ops:
             return
-        results = self._run(ops, self._write_one)
+        self._raise_first(ops, self._run(ops, lambda i: self._write_one(ops[i])))
+
+    def _raise_first(self, ops: Sequence[IoOp], results: list[OSError | None]) -> None:
+        """After a write batch: mark its files dirty, then raise the first error (the others are logged)."""
         self._dirty.mark(op.file_index for op in ops)  # a failed batch too: it may have written some files
         errors = [r for r in results if r is not None]
         if errors:
@@ -255,7 +258,34 @@ class PosixBackend(DiskBackend):
         """Read all ops in parallel; one result per op."""
         if not ops:
             return []
-        return self._run(ops, self._read_one)
+        return self._run(ops, lambda i: self._read_one(ops[i]))
+
+    def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]) -> list[int]:
+        """Write all ops in parallel, each worker checksumming its block just before writing it."""
+        if not ops:
+            return []
+        sums = [0] * len(ops)
+
+        def one(i: int) -> None:
+            sums[i] = checksum(ops[i].buffer)
+            self._write_one(ops[i])
+
+        self._raise_first(ops, self._run(ops, one))
+        return sums
+
+    def pread_blocks_checksummed(
+        self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]
+    ) -> tuple[list[OSError | None], list[int | None]]:
+        """Read all ops in parallel, each worker checksumming its block right after reading it."""
+        if not ops:
+            return [], []
+        sums: list[int | None] = [None] * len(ops)
+
+        def one(i: int) -> None:
+            self._read_one(ops[i])
+            sums[i] = checksum(ops[i].buffer)
+
+        return self._run(ops, one), sums
 
     def sync(self) -> None:
         """``fdatasync`` every file written since the last sync."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -112,6 +112,27 @@ class DiskBackend(ABC):
 
         A failing read does not stop the others; its buffer content is undefined.
         """
+
+    def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]) -> list[int]:
+        """:meth:`pwrite_blocks`, also returning ``checksum(op.buffer)`` of each op's bytes as the caller handed them.
+
+        A backend with I/O workers computes each checksum in the worker, just before that block's write, so
+        checksums overlap with I/O instead of running serially on the caller; this default computes them here
+        first, then writes through :meth:`pwrite_blocks` (what wrappers rely on).
+        """
+        sums = [checksum(op.buffer) for op in ops]
+        self.pwrite_blocks(ops)
+        return sums
+
+    def pread_blocks_checksummed(
+        self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]
+    ) -> tuple[list[OSError | None], list[int | None]]:
+        """:meth:`pread_blocks`, also returning ``checksum(op.buffer)`` of each block read (None where it failed).
+
+        As for writes, a backend with I/O workers computes them in the worker right after each read.
+        """
+        results = self.pread_blocks(ops)
+        return results, [checksum(op.buffer) if r is None else None for op, r in zip(ops, results)]
 
     @abstractmethod
     def sync(self) -> None:

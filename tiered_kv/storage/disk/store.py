@@ -873,9 +873,13 @@ class DiskStore:
         try:
             # Checksums come from the caller's bytes, not from what reached the disk: a torn or corrupted
             # write then fails verification on read instead of being blessed here.
-            checksums = [_checksum(f if f.device.type == "cpu" else f.cpu()) for f in flat]
+            ops = [self._op(s, flat[i]) for i, s in enumerate(slot_list)]
             try:
-                self.backend.pwrite_blocks([self._op(s, flat[i]) for i, s in enumerate(slot_list)])
+                if all(f.device.type == "cpu" for f in flat):
+                    checksums = self.backend.pwrite_blocks_checksummed(ops, _checksum)  # in the I/O workers
+                else:
+                    checksums = [_checksum(f.cpu()) for f in flat]
+                    self.backend.pwrite_blocks(ops)
             except OSError as exc:
                 # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
                 raise disk_error(exc, f"writing {n} blocks to {self.root}") from exc
@@ -986,15 +990,20 @@ class DiskStore:
         """Read ``items`` into ``out`` (a batch, or one flat uint8 view per block); return the indices that failed."""
         n = len(items)
         flat = out if isinstance(out, list) else list(out.view(torch.uint8).reshape(n, self.block_size))
-        results = self.backend.pread_blocks([self._op(row.slot, flat[i]) for i, (_, row) in enumerate(items)])
-        host = [f if f.device.type == "cpu" else f.cpu() for f in flat]
+        ops = [self._op(row.slot, flat[i]) for i, (_, row) in enumerate(items)]
+        sums: list[int | None]
+        if all(f.device.type == "cpu" for f in flat):
+            results, sums = self.backend.pread_blocks_checksummed(ops, _checksum)  # checksummed in the I/O workers
+        else:
+            results = self.backend.pread_blocks(ops)
+            sums = [_checksum(f.cpu()) if r is None else None for f, r in zip(flat, results)]
         bad: list[int] = []
         for i, (key, row) in enumerate(items):
             err = results[i]
             if err is not None:
                 logger.warning("%s", disk_error(err, f"reading block {key.hex()} (slot {row.slot})"))
                 bad.append(i)
-            elif _checksum(host[i]) != row.checksum:
+            elif sums[i] != row.checksum:
                 logger.warning(
                     "%s",
                     CorruptBlockError(f"block {key.hex()} in slot {row.slot} of {self.root} failed its checksum"),
