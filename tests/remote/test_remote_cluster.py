@@ -73,7 +73,7 @@ def test_unreachable_cluster_at_construction_is_not_an_error() -> None:
         assert store.exists(hs) == [False] * 4
         m = store.metrics()
         assert m["misses"] == 4 and m["put_failures"] == 4 and m["unavailable"] >= 8
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 6  # no hang; generous for a loaded CI machine
 
 
 def _migrate_slot(cluster: RedisCluster, slot: int, src: RedisServer, dst: RedisServer, keys: list[bytes]) -> None:
@@ -138,16 +138,19 @@ def test_node_killed_mid_run(cluster: RedisCluster) -> None:
         for _ in range(2):
             t0 = time.monotonic()
             out, ok = store.get_blocks(hs)
-            assert time.monotonic() - t0 < 2 * timeout + 0.3
+            assert time.monotonic() - t0 < 2 * timeout + 1.5
             assert ok == [not v for v in on_victim]
             assert same(out[[i for i, v in enumerate(ok) if v]], data[[i for i, v in enumerate(ok) if v]])
             assert store.exists(hs) == ok
             t0 = time.monotonic()
             assert store.put_blocks(hs, data) == 300 - sum(on_victim)
-            assert time.monotonic() - t0 < 2 * timeout + 0.3
-        # Once the cluster has noticed (cluster-require-full-coverage no), the survivors keep serving.
-        time.sleep(1.0)
-        assert store.get_blocks(hs)[1] == [not v for v in on_victim]
+            assert time.monotonic() - t0 < 2 * timeout + 1.5
+        # Once the cluster has noticed (cluster-require-full-coverage no), the survivors keep serving; there is no
+        # event for "noticed", so poll, bounded.
+        deadline = time.monotonic() + 10
+        while store.get_blocks(hs)[1] != [not v for v in on_victim]:
+            assert time.monotonic() < deadline, "the surviving nodes did not keep serving"
+            time.sleep(0.05)
         m = store.metrics()
         assert m["connection_errors"] >= 1 and m["put_failures"] >= sum(on_victim)
 
@@ -167,11 +170,11 @@ def test_stalled_node_sigstop_then_sigcont(cluster: RedisCluster) -> None:
                 t0 = time.monotonic()
                 _, ok = store.get_blocks(hs)
                 elapsed = time.monotonic() - t0
-                assert elapsed < 2 * timeout + 0.2, elapsed
+                assert elapsed < 2 * timeout + 1.5, elapsed
                 assert ok == [not v for v in on_victim]
                 t0 = time.monotonic()
                 assert store.put_blocks(hs, data) == 240 - sum(on_victim)
-                assert time.monotonic() - t0 < 2 * timeout + 0.2
+                assert time.monotonic() - t0 < 2 * timeout + 1.5
             assert store.metrics()["timeouts"] >= 1
         finally:
             victim.cont_signal()

@@ -151,7 +151,7 @@ def test_corrupted_values_are_misses_counted_and_deleted(shared_server: RedisSer
 
         t0 = time.monotonic()
         out, ok = store.get_blocks(hs)
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 5  # no hang; generous for a loaded CI machine
         assert ok == [False] * 9 + [True]
         assert same(out[9], data[9])
         m = store.metrics()
@@ -228,7 +228,7 @@ def test_unreachable_at_construction_then_server_comes_up(tmp_path: Path) -> Non
         assert ok == [False] * 5
         assert store.put_blocks(hs, data) == 0
         assert store.exists(hs) == [False] * 5
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 5  # no hang; generous for a loaded CI machine
         m = store.metrics()
         assert m["put_failures"] == 5 and m["misses"] == 5 and m["connection_errors"] >= 1
         server = RedisServer(tmp_path, port)
@@ -259,11 +259,11 @@ def test_stalled_server_is_bounded_and_recovers(redis_server: RedisServer) -> No
             for _ in range(3):
                 t0 = time.monotonic()
                 _, ok = store.get_blocks(hs)
-                assert time.monotonic() - t0 < 2 * timeout + 0.2
+                assert time.monotonic() - t0 < 2 * timeout + 1.5
                 assert ok == [False] * 40
                 t0 = time.monotonic()
                 assert store.put_blocks(hs[:8], data[:8]) == 0
-                assert time.monotonic() - t0 < 2 * timeout + 0.2
+                assert time.monotonic() - t0 < 2 * timeout + 1.5
             assert store.metrics()["timeouts"] >= 1
         finally:
             redis_server.cont_signal()
