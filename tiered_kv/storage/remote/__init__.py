@@ -2,9 +2,10 @@
 
 :class:`RemoteStore` stores each block as ONE Redis string value under
 ``tkv:<namespace>:<model fingerprint>:<sequence hash hex>``: a 48-byte header (magic, format version, hash
-algorithm, digest of fingerprint + namespace + algorithm, key tag, size, xxh3-64 of the payload) followed by the
-block's raw bytes (see :mod:`tiered_kv.storage.remote._format`). Every read checks the header and the
-checksum; anything that does not match is a miss, counted, and deleted. There is no eviction policy here:
+algorithm, size of the token ids, digest of fingerprint + namespace + algorithm, key tag, size, xxh3-64 of what
+follows), the block's token ids when its writer knew them (a match with ``tokens=`` compares them: a hash
+collision is a miss), then the block's raw bytes (see :mod:`tiered_kv.storage.remote._format`). Every read checks
+the header and the checksum; anything that does not match is a miss, counted, and deleted. There is no eviction policy here:
 Redis's own ``maxmemory`` policy decides what stays. Requests are pipelined and grouped per cluster node with
 bounded timeouts; a slow or dead node makes its keys misses (reads) or dropped writes, never a stall or an
 exception (see :mod:`tiered_kv.storage.remote._cluster`).
@@ -17,7 +18,7 @@ Redis settings to use (``redis.conf`` or ``redis-server --option value``)::
                                       # put_failures) instead of evicting cold blocks
     save ""                           # no RDB snapshots: the tier is a cache, losing it costs recompute only
     appendonly no                     # no AOF (enable both only if blocks must survive a Redis restart)
-    proto-max-bulk-len 512mb          # default; must exceed the block size + 48 bytes
+    proto-max-bulk-len 512mb          # default; must exceed the block size + 48 bytes + 4 per token
     client-output-buffer-limit normal 0 0 0   # default; pipelined GETs of large blocks need unlimited
     # Redis Cluster, on every node:
     cluster-enabled yes
