@@ -23,23 +23,33 @@ Crash ordering (the rules every method below follows; comments at each site say 
 1. Write: data bytes are written to free slots first, then all the batch's rows are committed in ONE
    LMDB write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and
    the commit itself is synced, so a row on disk always points at durable data.
-2. Delete: the row deletions commit before ``delete()`` returns; only then may the caller reuse the
-   slots. A slot is never written while a committed row points at it.
-3. ``durability="batch"``: commits do not fsync (LMDB ``sync=False, metasync=False``: ``MDB_NOSYNC``); a
-   background thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``, so the rows it
-   makes durable point at synced data. But the OS may write LMDB pages back on its own before our data sync
-   (and a batch may commit between the two syncs), so after a power cut a durable row can point at a slot
-   whose new bytes never reached the disk. The xxh3-64 checksum in the row catches exactly that: reads verify
-   every block and drop rows that fail, so torn or stale bytes are never served as good (such a block's
-   descendants become orphans: :meth:`DiskStore.check` finds them). A process crash (``kill -9``) loses
-   nothing committed: the page cache survives it.
-   Caveat (power loss): LMDB documents that ``MDB_NOSYNC`` may corrupt the environment on a system crash
-   unless the file system keeps write order. The fix is ready behind ``_BATCH_SYNCS_COMMITS``: each commit then
-   fsyncs LMDB's data pages but not its meta page (``MDB_NOMETASYNC``), which LMDB documents keeps the
-   environment's integrity through a system crash and may undo only the last committed transaction. It costs
-   one registry fdatasync per commit, and today the disk pool deletes evicted rows under its own lock, one
-   commit per eviction: with it on, ``tiered-kv stress --duration 2.5`` did not finish in 10 minutes here.
-4. ``durability="none"``: like batch without the background data sync; ``flush()``/``close()`` sync.
+2. Delete (group commit): ``delete()`` drops the rows from the in-memory maps at once (lookups and reads no
+   longer see them) and queues their deletion; the queue is committed, in one transaction, by the next registry
+   commit of any kind: a write batch's (deletions first, then its puts), the background committer's (every
+   ``_SYNC_INTERVAL_S``), a flush or a close. The caller may hand the slots out again as soon as ``delete()``
+   returns, but the store never writes a slot while a committed row points at it: ``write_data`` (and
+   ``compact``) first commit the queued deletions of the slots they are about to overwrite. So a slot's old
+   bytes stay intact until its row's deletion has committed, and a crash before that commit brings the row
+   back pointing at its own, intact bytes. Such a resurrected block is a valid cache entry, and the tier stays
+   prefix-closed: the queue commits whole (a prefix of the deletions, in order), and eviction removes a block's
+   descendants before or together with it, so a resurrected block's parent is on disk or resurrected too.
+   Why deferred: the disk pool deletes its victims while it holds its own lock, one call per eviction; a
+   commit there (an fdatasync with rule 3's flags) stalled every allocation behind it.
+3. ``durability="batch"``: each commit fdatasyncs LMDB's data pages but not its meta page (``sync=True,
+   metasync=False``: ``MDB_NOMETASYNC``), which LMDB documents keeps the environment's integrity (atomicity,
+   consistency, isolation) through a system crash and may undo only the last committed transaction; the
+   block data files are not synced per commit. A background thread, at least every second, fdatasyncs the
+   data files THEN ``env.sync(True)``, so the rows it makes durable point at synced data. But a batch may
+   commit between the two syncs (and its registry pages are synced by the commit itself), so after a power
+   cut a durable row can point at a slot whose new bytes never reached the disk. The xxh3-64 checksum in the
+   row catches exactly that: reads verify every block and drop rows that fail, so torn or stale bytes are
+   never served as good (such a block's descendants become orphans: :meth:`DiskStore.check` finds them). A
+   process crash (``kill -9``) loses nothing committed: the page cache survives it (queued deletions may be
+   undone, rule 2). The registry fdatasync costs one per transaction; rule 2's group commit keeps the
+   transactions to about one per write batch plus one per background tick (``tools/bench_durability.py``
+   measures it against the old ``MDB_NOSYNC`` flags, which ``_BATCH_SYNCS_COMMITS = False`` restores).
+4. ``durability="none"``: ``MDB_NOSYNC`` and no background data sync (a power cut may corrupt the registry:
+   for caches that can be thrown away); ``flush()``/``close()`` sync.
 5. Two rows claiming one slot (possible only after a power cut in batch/none mode undid a delete but
    kept a later write): the newer row wins at open, the other is dropped.
 6. Capacity changes at open: growing fallocates the files before the meta record says so; shrinking
@@ -58,6 +68,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -74,7 +85,7 @@ from ...errors import ConfigError, CorruptBlockError, DiskFullError, DiskTierErr
 from ._kvikio import KvikioBackend, kvikio_unavailable_reason
 from ._posix import PosixBackend, aligned_empty
 from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
-from .registry import ROW_FIELDS, Registry, Row, gc_paused, pad_row
+from .registry import REGISTRY_DIR, ROW_FIELDS, Registry, Row, gc_paused, pad_row
 
 __all__ = [
     "FORMAT_VERSION",
@@ -102,9 +113,9 @@ _SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at le
 _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
 _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
-# Rule 3: "batch" commits sync LMDB's data pages (MDB_NOMETASYNC: integrity through power loss). Off until
-# evictions stop paying one registry fdatasync each under the pool lock (see rule 3 for what it costs today).
-_BATCH_SYNCS_COMMITS = False
+# Rule 3: "batch" commits sync LMDB's data pages (MDB_NOMETASYNC: integrity through power loss, only the last
+# transaction may be undone). False restores MDB_NOSYNC (the old flags; tools/bench_durability.py compares them).
+_BATCH_SYNCS_COMMITS = True
 
 # Row field positions (see registry.ROW_FIELDS). Rows in memory always have every field: format-version-1 rows
 # (6 or 7 fields) are padded with None when loaded.
@@ -315,6 +326,10 @@ class DiskStore:
         self._by_slot: dict[int, bytes] = {}
         self._inflight: set[int] = set()  # slots being written by an uncommitted batch
         self._pending_touch: set[bytes] = set()
+        # Rule 2: deletions not committed yet (hash -> its row), and the slots they free (slot -> hash). The rows
+        # are gone from _rows/_by_slot already; a slot in _dying is not written until its deletion commits.
+        self._pending_delete: dict[bytes, Row] = {}
+        self._dying: dict[int, bytes] = {}
         self._data_dirty = False  # data written since the batch syncer last ran
         self._closed = False
         self._stop = threading.Event()
@@ -419,8 +434,9 @@ class DiskStore:
         self._writer_lock = _WriterLock(self.root)
         want = self.config.num_blocks
         map_size = max(_MIN_MAP_SIZE, want * _MAP_BYTES_PER_BLOCK)
-        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit; "batch" syncs the data pages only when
-        # _BATCH_SYNCS_COMMITS (integrity through power loss, the last transaction may be undone); "none" neither.
+        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit; "batch" syncs the data pages
+        # (MDB_NOMETASYNC: integrity through power loss, the last transaction may be undone; MDB_NOSYNC when
+        # _BATCH_SYNCS_COMMITS is switched off); "none" neither.
         self._registry = Registry(
             self.root,
             readonly=False,
@@ -634,6 +650,30 @@ class DiskStore:
             raise _os_error(exc, f"syncing moved blocks of {self.root}") from exc
         return moved, lost
 
+    def copy_to(self, path: str | os.PathLike[str]) -> None:
+        """Copy the tier, as a ``kill -9`` at this instant would leave it, into the new directory ``path``.
+
+        The copy holds the committed rows (queued deletions not applied, as after a crash: rule 2) and the bytes
+        they point at; blocks being written but not committed yet are unreferenced there. Consistent while the
+        tier is in use: no registry transaction runs during the copy (``_commit_lock``), LMDB copies its
+        environment from one read transaction, and no slot a committed row points at is written meanwhile
+        (rules 1 and 2). Open ``path`` as a tier of its own (a backup, or a crash test's restart).
+
+        Raises:
+            DiskTierError: ``path`` exists, or an I/O or LMDB failure.
+        """
+        reg = self._check_open()
+        dest = os.path.abspath(os.fspath(path))
+        try:
+            os.makedirs(dest)
+            with self._commit_lock:
+                for src in self._paths():
+                    shutil.copyfile(src, os.path.join(dest, os.path.basename(src)))
+                os.makedirs(os.path.join(dest, REGISTRY_DIR))
+                reg.copy(os.path.join(dest, REGISTRY_DIR))
+        except OSError as exc:
+            raise _os_error(exc, f"copying the disk tier {self.root} to {dest}") from exc
+
     def compact(self, exclude: Iterable[int] = ()) -> dict[bytes, tuple[int, int]]:
         """Move live blocks into the lowest free slots and shrink the data files to the live extent.
 
@@ -652,6 +692,8 @@ class DiskStore:
         reg = self._check_open(write=True)
         pinned = set(exclude)
         with self._commit_lock:
+            if self._pending_delete:
+                self._commit()  # rule 2: the slots freed by queued deletions become copy targets below
             with self._lock:
                 rows = dict(self._rows)
                 inflight = set(self._inflight)
@@ -785,21 +827,41 @@ class DiskStore:
         return list(zip(toks, parent_keys, strict=True))
 
     def _commit(self, puts: dict[bytes, Row] | None = None, deletes: Sequence[bytes] = ()) -> None:
-        """One registry transaction carrying ``puts``, ``deletes`` and every pending touch.
+        """One registry transaction carrying every queued deletion, ``deletes``, ``puts`` and every pending touch
+        (deletions first: a hash deleted and stored again ends up stored).
 
-        Caller holds ``_commit_lock``.
+        Caller holds ``_commit_lock``. Rule 2: once it returns, the slots of the queued deletions may be written.
         """
         assert self._registry is not None
         with self._lock:
             touched, self._pending_touch = self._pending_touch, set()
+            queued, self._pending_delete = self._pending_delete, {}
             dropped = set(deletes)
             touch_rows = {k: list(self._rows[k]) for k in touched if k in self._rows and k not in dropped}
         try:
-            self._registry.commit(puts={**touch_rows, **(puts or {})}, deletes=deletes)
+            self._registry.commit(puts={**touch_rows, **(puts or {})}, deletes=[*queued, *deletes])
         except BaseException:
             with self._lock:
                 self._pending_touch |= touched  # touches are retried with the next commit
+                # Queued deletions too, unless a later delete() re-queued the hash (its row is the newer one).
+                self._pending_delete = {**queued, **self._pending_delete}
             raise
+        if queued:
+            with self._lock:
+                for key, row in queued.items():
+                    if self._dying.get(row[_SLOT]) == key:
+                        del self._dying[row[_SLOT]]  # rule 2: its deletion is committed, the slot may be written
+
+    def _commit_dying(self, slots: Iterable[int]) -> None:
+        """Commit the queued deletions if any of ``slots`` waits for one (rule 2: before those slots are written)."""
+        with self._lock:
+            if not any(s in self._dying for s in slots):
+                return
+        with self._commit_lock:
+            with self._lock:
+                if not any(s in self._dying for s in slots):
+                    return  # another thread's commit took them meanwhile
+            self._commit()
 
     # -- writes -----------------------------------------------------------------------------------
     def write_blocks(
@@ -873,6 +935,9 @@ class DiskStore:
                     raise DiskTierError(f"slot {slot} is not free (it holds a live block or is being written)")
             self._inflight.update(slot_list)
         try:
+            # Rule 2: a slot freed by a delete() whose row deletion is still queued is overwritten only after
+            # that deletion commits (one transaction for everything queued).
+            self._commit_dying(slot_list)
             # Checksums come from the caller's bytes, not from what reached the disk: a torn or corrupted
             # write then fails verification on read instead of being blessed here.
             checksums = [_checksum(f if f.device.type == "cpu" else f.cpu()) for f in flat]
@@ -945,22 +1010,25 @@ class DiskStore:
                     self._by_slot[s] = k
 
     def delete(self, hashes: Sequence[bytes]) -> None:
-        """Drop the rows of ``hashes`` (unknown ones are ignored) in one committed transaction.
+        """Drop the rows of ``hashes`` (unknown ones are ignored); their deletion is group-committed (rule 2).
 
-        Only after this returns may the caller reuse their slots (rule 2).
+        When this returns the blocks are gone from lookups and reads, and the caller may reuse their slots: the
+        store writes such a slot only after the deletion has committed (the next registry commit, at most
+        ``_SYNC_INTERVAL_S`` later, or right before the slot is written). Until then a crash may bring the rows
+        back, pointing at their own intact bytes. :meth:`flush` and :meth:`close` commit the queue.
         """
         self._check_open(write=True)
         keys = [self._check_hash(h) for h in hashes]
-        with self._commit_lock:
-            with self._lock:
-                present = [k for k in dict.fromkeys(keys) if k in self._rows]
-            if not present:
-                return
-            self._commit(deletes=present)
-            with self._lock:
-                for k in present:
-                    row = self._rows.pop(k)
-                    self._by_slot.pop(row[_SLOT], None)
+        with self._lock:
+            for k in dict.fromkeys(keys):
+                row = self._rows.pop(k, None)
+                if row is None:
+                    continue
+                if self._by_slot.get(row[_SLOT]) == k:
+                    del self._by_slot[row[_SLOT]]
+                self._pending_delete[k] = row
+                self._dying[row[_SLOT]] = k
+                self._pending_touch.discard(k)
 
     def touch(self, hashes: Sequence[bytes]) -> None:
         """Refresh recency (last_access, hits) of stored blocks; buffered, committed within about a second."""
@@ -1267,7 +1335,8 @@ class DiskStore:
         self._registry.sync()
 
     def _commit_touches(self) -> None:
-        if self._pending_touch:
+        """Commit pending touches and queued deletions (rule 2's group commit), if there are any."""
+        if self._pending_touch or self._pending_delete:
             with self._commit_lock:
                 self._commit()
 
@@ -1285,7 +1354,7 @@ class DiskStore:
                 logger.error("disk tier background sync failed: %s", exc)
 
     def flush(self) -> None:
-        """Commit pending touches, fdatasync the data, then sync the registry (every durability mode).
+        """Commit pending touches and deletions, fdatasync the data, then sync the registry (every durability mode).
 
         Raises:
             DiskTierError: a sync failed.
