@@ -20,20 +20,26 @@ in the meta record.
 
 Crash ordering (the rules every method below follows; comments at each site say which one):
 
-1. Write: data bytes are written to free slots first, then all the batch's rows are committed in ONE
-   LMDB write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and
-   the commit itself is synced, so a row on disk always points at durable data.
-2. Delete (group commit): ``delete()`` drops the rows from the in-memory maps at once (lookups and reads no
-   longer see them) and queues their deletion; the queue is committed, in one transaction, by the next registry
-   commit of any kind: a write batch's (deletions first, then its puts), the background committer's (every
-   ``_SYNC_INTERVAL_S``), a flush or a close. The caller may hand the slots out again as soon as ``delete()``
-   returns, but the store never writes a slot while a committed row points at it: ``write_data`` (and
-   ``compact``) first commit the queued deletions of the slots they are about to overwrite. So a slot's old
-   bytes stay intact until its row's deletion has committed, and a crash before that commit brings the row
-   back pointing at its own, intact bytes. Such a resurrected block is a valid cache entry, and the tier stays
-   prefix-closed: the queue commits whole (a prefix of the deletions, in order), and eviction removes a block's
-   descendants before or together with it, so a resurrected block's parent is on disk or resurrected too.
-   Why deferred: the disk pool deletes its victims while it holds its own lock, one call per eviction; a
+1. Write: data bytes are written to free slots first, then all the batch's rows are committed in ONE LMDB
+   write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and the commit itself
+   is synced, in the caller's thread, so a row on disk always points at durable data when ``write_blocks``
+   returns. With "batch" and "none" the rows are group-committed: ``commit_written`` puts them in the in-memory
+   maps (lookups and reads see them at once) and queues them; the committer thread commits everything queued
+   (rows, deletions, touches) in one transaction, as soon as the previous commit is done and at most every
+   ``_COMMIT_INTERVAL_S``. The data was written before its rows were queued, so before they commit. A queue is
+   committed whole, so the registry only ever passes through states the in-memory maps had (no batch is split,
+   and a parent registered before its child never commits after it). A ``kill -9`` loses at most the rows of
+   the commit in progress and the one gathering (a few milliseconds); their slots hold unreferenced bytes.
+2. Delete: ``delete()`` drops the rows from the in-memory maps at once (lookups and reads no longer see them)
+   and queues their deletion, which commits with the next transaction (rule 1's committer, a synchronous
+   commit, a flush or a close; deletions first, then puts: a hash deleted and stored again ends up stored). The
+   caller may hand the slots out again as soon as ``delete()`` returns, but the store never writes a slot while
+   a committed row points at it: ``write_data`` (and ``compact``) first commit the queued deletions of the slots
+   they are about to overwrite. So a slot's old bytes stay intact until its row's deletion has committed, and a
+   crash before that commit brings the row back pointing at its own, intact bytes. Such a resurrected block is
+   a valid cache entry, and the tier stays prefix-closed: the queue commits whole, and eviction removes a
+   block's descendants before or together with it, so a resurrected block's parent is on disk or resurrected
+   too. Why queued: the disk pool deletes its victims while it holds its own lock, one call per eviction; a
    commit there (an fdatasync with rule 3's flags) stalled every allocation behind it.
 3. ``durability="batch"``: each commit fdatasyncs LMDB's data pages but not its meta page (``sync=True,
    metasync=False``: ``MDB_NOMETASYNC``), which LMDB documents keeps the environment's integrity (atomicity,
@@ -44,10 +50,10 @@ Crash ordering (the rules every method below follows; comments at each site say 
    cut a durable row can point at a slot whose new bytes never reached the disk. The xxh3-64 checksum in the
    row catches exactly that: reads verify every block and drop rows that fail, so torn or stale bytes are
    never served as good (such a block's descendants become orphans: :meth:`DiskStore.check` finds them). A
-   process crash (``kill -9``) loses nothing committed: the page cache survives it (queued deletions may be
-   undone, rule 2). The registry fdatasync costs one per transaction; rule 2's group commit keeps the
-   transactions to about one per write batch plus one per background tick (``tools/bench_durability.py``
-   measures it against the old ``MDB_NOSYNC`` flags, which ``_BATCH_SYNCS_COMMITS = False`` restores).
+   process crash (``kill -9``) loses nothing committed: the page cache survives it. The registry fdatasync
+   costs one per transaction, so rules 1 and 2 keep transactions few: one per committer pass (however many
+   batches and evictions it carries) plus one before a freed slot is overwritten. ``tools/bench_durability.py``
+   measures it against the old ``MDB_NOSYNC`` flags, which ``_BATCH_SYNCS_COMMITS = False`` restores.
 4. ``durability="none"``: ``MDB_NOSYNC`` and no background data sync (a power cut may corrupt the registry:
    for caches that can be thrown away); ``flush()``/``close()`` sync.
 5. Two rows claiming one slot (possible only after a power cut in batch/none mode undid a delete but
@@ -110,6 +116,9 @@ _FILE_PATTERN = "data-{:03d}.bin"
 _LOCK_FILE = "writer.lock"
 _HASH_LEN = {"sha256": 32, "xxh3_128": 16}
 _SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at least every second"
+# Rule 1: the committer's passes are at least this far apart, so that a busy tier gathers many batches per
+# transaction (one registry fdatasync each) while a kill -9 still loses at most a few milliseconds of rows.
+_COMMIT_INTERVAL_S = 0.005
 _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
 _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
@@ -330,6 +339,11 @@ class DiskStore:
         # are gone from _rows/_by_slot already; a slot in _dying is not written until its deletion commits.
         self._pending_delete: dict[bytes, Row] = {}
         self._dying: dict[int, bytes] = {}
+        # Rule 1: rows in the maps but not committed yet ("batch" and "none"), and the committer that commits them.
+        self._pending_put: dict[bytes, Row] = {}
+        self._work = threading.Condition(self._lock)  # queued work, committed passes and urgent waiters
+        self._urgent = 0  # writers waiting for a queued deletion to commit (rule 2)
+        self._committer: threading.Thread | None = None
         self._data_dirty = False  # data written since the batch syncer last ran
         self._closed = False
         self._stop = threading.Event()
@@ -477,6 +491,8 @@ class DiskStore:
             self.capacity_ = want
         self._syncer = threading.Thread(target=self._sync_loop, name="tiered-kv-disk-sync", daemon=True)
         self._syncer.start()
+        self._committer = threading.Thread(target=self._commit_loop, name="tiered-kv-disk-commit", daemon=True)
+        self._committer.start()
         logger.info(
             "disk tier %s open for writing: %d/%d blocks used, backend %s, durability %s",
             self.root,
@@ -692,8 +708,8 @@ class DiskStore:
         reg = self._check_open(write=True)
         pinned = set(exclude)
         with self._commit_lock:
-            if self._pending_delete:
-                self._commit()  # rule 2: the slots freed by queued deletions become copy targets below
+            if self._pending_delete or self._pending_put:
+                self._commit()  # rules 1, 2: the slots freed by queued deletions become copy targets below
             with self._lock:
                 rows = dict(self._rows)
                 inflight = set(self._inflight)
@@ -836,25 +852,54 @@ class DiskStore:
         with self._lock:
             touched, self._pending_touch = self._pending_touch, set()
             queued, self._pending_delete = self._pending_delete, {}
+            put_rows, self._pending_put = self._pending_put, {}
             dropped = set(deletes)
             touch_rows = {k: list(self._rows[k]) for k in touched if k in self._rows and k not in dropped}
+            # Copies: touch() updates live rows in place while the transaction packs them.
+            put_rows = {k: list(row) for k, row in put_rows.items()}
         try:
-            self._registry.commit(puts={**touch_rows, **(puts or {})}, deletes=[*queued, *deletes])
+            self._registry.commit(puts={**touch_rows, **put_rows, **(puts or {})}, deletes=[*queued, *deletes])
         except BaseException:
             with self._lock:
                 self._pending_touch |= touched  # touches are retried with the next commit
-                # Queued deletions too, unless a later delete() re-queued the hash (its row is the newer one).
+                # Queued deletions and rows too, unless a later delete() or write changed the hash meanwhile.
                 self._pending_delete = {**queued, **self._pending_delete}
+                self._pending_put = {
+                    **{k: self._rows[k] for k in put_rows if k in self._rows and k not in self._pending_delete},
+                    **self._pending_put,
+                }
             raise
         if queued:
             with self._lock:
                 for key, row in queued.items():
                     if self._dying.get(row[_SLOT]) == key:
                         del self._dying[row[_SLOT]]  # rule 2: its deletion is committed, the slot may be written
+                self._work.notify_all()  # writers waiting in _commit_dying
 
     def _commit_dying(self, slots: Iterable[int]) -> None:
-        """Commit the queued deletions if any of ``slots`` waits for one (rule 2: before those slots are written)."""
-        with self._lock:
+        """Return once no queued deletion waits on ``slots`` (rule 2: before those slots are written).
+
+        The committer's next pass takes the deletions (with everything else queued: one transaction, not one more
+        per writer); this writer commits them itself if the committer is stopped or has not done it within a
+        second (a failing commit then raises here).
+        """
+        slots = list(slots)
+        with self._work:
+            if not any(s in self._dying for s in slots):
+                return
+            committer = self._committer
+            if committer is not None and committer.is_alive() and not self._stop.is_set():
+                self._urgent += 1  # the committer skips its gathering pause
+                self._work.notify_all()
+                try:
+                    deadline = time.monotonic() + 1.0
+                    while any(s in self._dying for s in slots) and committer.is_alive() and not self._stop.is_set():
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._work.wait(left)
+                finally:
+                    self._urgent -= 1
             if not any(s in self._dying for s in slots):
                 return
         with self._commit_lock:
@@ -862,6 +907,32 @@ class DiskStore:
                 if not any(s in self._dying for s in slots):
                     return  # another thread's commit took them meanwhile
             self._commit()
+
+    def _commit_loop(self) -> None:
+        """Rule 1's committer: commit whatever is queued, one transaction per pass, passes at least
+        ``_COMMIT_INTERVAL_S`` apart."""
+        while True:
+            with self._work:
+                while not (self._pending_put or self._pending_delete) and not self._stop.is_set():
+                    self._work.wait()
+            if self._stop.is_set():
+                return  # close() commits what is left
+            try:
+                with self._commit_lock:
+                    self._commit()
+            except DiskTierError as exc:
+                # The rows stay queued (and served from memory); the next pass retries.
+                self.last_sync_error = exc
+                logger.error("disk tier registry commit failed: %s", exc)
+                self._stop.wait(_SYNC_INTERVAL_S)
+            # Let the next batch gather, unless a writer waits for a slot's deletion (rule 2).
+            deadline = time.monotonic() + _COMMIT_INTERVAL_S
+            with self._work:
+                while not self._urgent and not self._stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._work.wait(left)
 
     # -- writes -----------------------------------------------------------------------------------
     def write_blocks(
@@ -969,8 +1040,10 @@ class DiskStore:
         parents: Sequence[bytes | None] | None = None,
     ) -> None:
         """Register blocks whose bytes :meth:`write_data` wrote: all rows in one transaction (the second half of
-        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first (rule 1). ``tokens`` and
-        ``parents`` as in :meth:`write_blocks`.
+        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first and the rows are committed
+        (synced) when this returns; with "batch" and "none" they are visible at once and the committer thread
+        commits them within milliseconds (rule 1; :meth:`flush` waits for that). ``tokens`` and ``parents`` as in
+        :meth:`write_blocks`.
 
         Raises:
             DiskTierError: a slot is taken or a hash already stored (nothing committed); registry failures.
@@ -987,11 +1060,7 @@ class DiskStore:
             raise DiskTierError("hashes and slots of one write batch must be distinct")
         extras = self._row_extras(hashes, keys, tokens, parents)
         with self._lock:
-            for key, slot in zip(keys, slot_list, strict=True):
-                if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
-                    raise DiskTierError(f"slot {slot} is not a free slot of the disk tier")
-                if key in self._rows:
-                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+            self._check_free(keys, slot_list)
         if self.durability == "sync":
             try:
                 self.backend.sync()  # rule 1: data durable before its row commits
@@ -1002,6 +1071,16 @@ class DiskStore:
             k: [s, c, self.block_size, now, now, 0, *x]
             for k, s, c, x in zip(keys, slot_list, checksums, extras, strict=True)
         }
+        if self.durability != "sync":
+            # Rule 1: queued whole (one transaction takes the whole queue); the committer commits it.
+            with self._lock:
+                self._check_free(keys, slot_list)  # again: another thread may have taken them meanwhile
+                self._rows.update(rows)
+                for k, s in zip(keys, slot_list, strict=True):
+                    self._by_slot[s] = k
+                self._pending_put.update(rows)
+                self._work.notify_all()
+            return
         with self._commit_lock:
             self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
             with self._lock:
@@ -1009,12 +1088,20 @@ class DiskStore:
                 for k, s in zip(keys, slot_list, strict=True):
                     self._by_slot[s] = k
 
+    def _check_free(self, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        """Refuse a batch whose slots are not free or whose hashes are stored. Caller holds ``_lock``."""
+        for key, slot in zip(keys, slots, strict=True):
+            if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
+                raise DiskTierError(f"slot {slot} is not a free slot of the disk tier")
+            if key in self._rows:
+                raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key][_SLOT]}")
+
     def delete(self, hashes: Sequence[bytes]) -> None:
         """Drop the rows of ``hashes`` (unknown ones are ignored); their deletion is group-committed (rule 2).
 
         When this returns the blocks are gone from lookups and reads, and the caller may reuse their slots: the
-        store writes such a slot only after the deletion has committed (the next registry commit, at most
-        ``_SYNC_INTERVAL_S`` later, or right before the slot is written). Until then a crash may bring the rows
+        store writes such a slot only after the deletion has committed (the committer's next pass, milliseconds
+        later, or right before the slot is written). Until then a crash may bring the rows
         back, pointing at their own intact bytes. :meth:`flush` and :meth:`close` commit the queue.
         """
         self._check_open(write=True)
@@ -1029,6 +1116,9 @@ class DiskStore:
                 self._pending_delete[k] = row
                 self._dying[row[_SLOT]] = k
                 self._pending_touch.discard(k)
+                self._pending_put.pop(k, None)  # never committed, or committed and now deleted: either way gone
+            if self._pending_delete:
+                self._work.notify_all()
 
     def touch(self, hashes: Sequence[bytes]) -> None:
         """Refresh recency (last_access, hits) of stored blocks; buffered, committed within about a second."""
@@ -1335,8 +1425,8 @@ class DiskStore:
         self._registry.sync()
 
     def _commit_touches(self) -> None:
-        """Commit pending touches and queued deletions (rule 2's group commit), if there are any."""
-        if self._pending_touch or self._pending_delete:
+        """Commit pending touches, queued rows and deletions (rules 1 and 2), if there are any."""
+        if self._pending_touch or self._pending_delete or self._pending_put:
             with self._commit_lock:
                 self._commit()
 
@@ -1371,9 +1461,12 @@ class DiskStore:
             return
         error: BaseException | None = None
         self._stop.set()
-        if self._syncer is not None:
-            self._syncer.join()
-            self._syncer = None
+        with self._work:
+            self._work.notify_all()
+        for thread in (self._syncer, self._committer):
+            if thread is not None:
+                thread.join()
+        self._syncer = self._committer = None
         if not self.readonly and self._registry is not None:
             try:
                 self.flush()
