@@ -1444,7 +1444,7 @@ class DiskStore:
                 logger.error("disk tier background sync failed: %s", exc)
 
     def flush(self) -> None:
-        """Commit pending touches and deletions, fdatasync the data, then sync the registry (every durability mode).
+        """Commit queued rows, deletions and touches, fdatasync the data, then sync the registry (every mode).
 
         Raises:
             DiskTierError: a sync failed.
