@@ -24,12 +24,13 @@ Crash ordering (the rules every method below follows; comments at each site say 
    write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and the commit itself
    is synced, in the caller's thread, so a row on disk always points at durable data when ``write_blocks``
    returns. With "batch" and "none" the rows are group-committed: ``commit_written`` puts them in the in-memory
-   maps (lookups and reads see them at once) and queues them; the committer thread commits everything queued
-   (rows, deletions, touches) in one transaction, as soon as the previous commit is done and at most every
-   ``_COMMIT_INTERVAL_S``. The data was written before its rows were queued, so before they commit. A queue is
-   committed whole, so the registry only ever passes through states the in-memory maps had (no batch is split,
-   and a parent registered before its child never commits after it). A ``kill -9`` loses at most the rows of
-   the commit in progress and the one gathering (a few milliseconds); their slots hold unreferenced bytes.
+   maps and queues them, and returns once a transaction carrying them has committed: the committer thread's
+   next pass, which carries every batch queued meanwhile (by other writers) and every queued deletion, so
+   concurrent writers share one transaction (one registry fdatasync under rule 3). The data was written before
+   its rows were queued, so before they commit, and a batch is acknowledged only once committed, so a
+   ``kill -9`` loses no acknowledged batch. A queue is committed whole, so the registry only passes through
+   states the in-memory maps had (no batch is split, and a parent registered before its child never commits
+   after it).
 2. Delete: ``delete()`` drops the rows from the in-memory maps at once (lookups and reads no longer see them)
    and queues their deletion, which commits with the next transaction (rule 1's committer, a synchronous
    commit, a flush or a close; deletions first, then puts: a hash deleted and stored again ends up stored). The
@@ -116,9 +117,11 @@ _FILE_PATTERN = "data-{:03d}.bin"
 _LOCK_FILE = "writer.lock"
 _HASH_LEN = {"sha256": 32, "xxh3_128": 16}
 _SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at least every second"
-# Rule 1: the committer's passes are at least this far apart, so that a busy tier gathers many batches per
-# transaction (one registry fdatasync each) while a kill -9 still loses at most a few milliseconds of rows.
+# Rule 1: the committer's passes are at least this far apart while no writer waits for one (queued deletions and
+# touches gather; a writer waiting for its batch or for a freed slot cuts the pause short).
 _COMMIT_INTERVAL_S = 0.005
+# A writer waits this long for the committer before committing itself (the committer is failing or stuck).
+_AWAIT_COMMIT_S = 5.0
 _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
 _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
@@ -342,7 +345,9 @@ class DiskStore:
         # Rule 1: rows in the maps but not committed yet ("batch" and "none"), and the committer that commits them.
         self._pending_put: dict[bytes, Row] = {}
         self._work = threading.Condition(self._lock)  # queued work, committed passes and urgent waiters
-        self._urgent = 0  # writers waiting for a queued deletion to commit (rule 2)
+        self._urgent = 0  # writers waiting for a commit (rules 1 and 2)
+        self._queued_seq = 0  # write batches queued so far (rule 1) ...
+        self._committed_seq = 0  # ... and how many of them a transaction has committed
         self._committer: threading.Thread | None = None
         self._data_dirty = False  # data written since the batch syncer last ran
         self._closed = False
@@ -853,6 +858,7 @@ class DiskStore:
             touched, self._pending_touch = self._pending_touch, set()
             queued, self._pending_delete = self._pending_delete, {}
             put_rows, self._pending_put = self._pending_put, {}
+            upto = self._queued_seq
             dropped = set(deletes)
             touch_rows = {k: list(self._rows[k]) for k in touched if k in self._rows and k not in dropped}
             # Copies: touch() updates live rows in place while the transaction packs them.
@@ -869,43 +875,47 @@ class DiskStore:
                     **self._pending_put,
                 }
             raise
-        if queued:
-            with self._lock:
-                for key, row in queued.items():
-                    if self._dying.get(row[_SLOT]) == key:
-                        del self._dying[row[_SLOT]]  # rule 2: its deletion is committed, the slot may be written
-                self._work.notify_all()  # writers waiting in _commit_dying
+        with self._lock:
+            self._committed_seq = max(self._committed_seq, upto)  # rule 1: those batches may be acknowledged
+            for key, row in queued.items():
+                if self._dying.get(row[_SLOT]) == key:
+                    del self._dying[row[_SLOT]]  # rule 2: its deletion is committed, the slot may be written
+            self._work.notify_all()  # writers waiting in _await_commit
 
     def _commit_dying(self, slots: Iterable[int]) -> None:
-        """Return once no queued deletion waits on ``slots`` (rule 2: before those slots are written).
+        """Return once no queued deletion waits on ``slots`` (rule 2: before those slots are written)."""
+        wanted = list(slots)
+        self._await_commit(lambda: not any(s in self._dying for s in wanted))
 
-        The committer's next pass takes the deletions (with everything else queued: one transaction, not one more
-        per writer); this writer commits them itself if the committer is stopped or has not done it within a
-        second (a failing commit then raises here).
+    def _await_commit(self, done: Callable[[], bool]) -> None:
+        """Return once ``done()`` (checked under ``_lock``) holds, after the commits it waits for.
+
+        The committer's next pass does the commit, with everything else queued (one transaction for all the
+        writers waiting, not one each); this thread commits itself if the committer is stopped or has not done it
+        within ``_AWAIT_COMMIT_S`` (a failing commit then raises here).
         """
-        slots = list(slots)
         with self._work:
-            if not any(s in self._dying for s in slots):
+            if done():
                 return
             committer = self._committer
             if committer is not None and committer.is_alive() and not self._stop.is_set():
                 self._urgent += 1  # the committer skips its gathering pause
                 self._work.notify_all()
                 try:
-                    deadline = time.monotonic() + 1.0
-                    while any(s in self._dying for s in slots) and committer.is_alive() and not self._stop.is_set():
+                    deadline = time.monotonic() + _AWAIT_COMMIT_S
+                    while not done() and committer.is_alive() and not self._stop.is_set():
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._work.wait(left)
                 finally:
                     self._urgent -= 1
-            if not any(s in self._dying for s in slots):
+            if done():
                 return
         with self._commit_lock:
             with self._lock:
-                if not any(s in self._dying for s in slots):
-                    return  # another thread's commit took them meanwhile
+                if done():
+                    return  # another thread's commit did it meanwhile
             self._commit()
 
     def _commit_loop(self) -> None:
@@ -1041,9 +1051,9 @@ class DiskStore:
     ) -> None:
         """Register blocks whose bytes :meth:`write_data` wrote: all rows in one transaction (the second half of
         :meth:`write_blocks`). With ``durability="sync"`` the data is synced first and the rows are committed
-        (synced) when this returns; with "batch" and "none" they are visible at once and the committer thread
-        commits them within milliseconds (rule 1; :meth:`flush` waits for that). ``tokens`` and ``parents`` as in
-        :meth:`write_blocks`.
+        (synced) when this returns; with "batch" and "none" they are committed when this returns, in the
+        committer thread's transaction that carries every batch queued meanwhile (rule 1). ``tokens`` and
+        ``parents`` as in :meth:`write_blocks`.
 
         Raises:
             DiskTierError: a slot is taken or a hash already stored (nothing committed); registry failures.
@@ -1072,14 +1082,28 @@ class DiskStore:
             for k, s, c, x in zip(keys, slot_list, checksums, extras, strict=True)
         }
         if self.durability != "sync":
-            # Rule 1: queued whole (one transaction takes the whole queue); the committer commits it.
+            # Rule 1: queued whole (one transaction takes the whole queue) for the committer's next pass, which
+            # carries every batch queued meanwhile; acknowledged once committed, so a kill -9 keeps it.
             with self._lock:
                 self._check_free(keys, slot_list)  # again: another thread may have taken them meanwhile
                 self._rows.update(rows)
                 for k, s in zip(keys, slot_list, strict=True):
                     self._by_slot[s] = k
                 self._pending_put.update(rows)
+                self._queued_seq += 1
+                mine = self._queued_seq
                 self._work.notify_all()
+            try:
+                self._await_commit(lambda: self._committed_seq >= mine)
+            except BaseException:
+                with self._lock:  # not committed: the batch was never stored (as with a synchronous commit)
+                    for k, row in rows.items():
+                        if self._rows.get(k) is row:
+                            del self._rows[k]
+                            self._pending_put.pop(k, None)
+                            if self._by_slot.get(row[_SLOT]) == k:
+                                del self._by_slot[row[_SLOT]]
+                raise
             return
         with self._commit_lock:
             self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
