@@ -191,3 +191,24 @@ def test_a_lost_parent_takes_its_descendants_with_it(tmp_path: Path) -> None:
         bm.flush()
         assert [h in disk for h in hs] == [True, True, False, False, False, False]
         assert bm.metrics()["offload"]["reaped"] == 3
+
+
+def test_replay_reports_disk_write_amplification_with_and_without_writeback(tmp_path: Path) -> None:
+    from tiered_kv.stress.replay import ReplayOptions, replay_trace
+    from tiered_kv.stress.tracegen import generate_trace
+
+    trace = tmp_path / "trace.jsonl"
+    generate_trace(trace, 60, seed=1)
+    reports = {
+        wb: replay_trace(trace, ReplayOptions(device_blocks=32, host_blocks=64, disk_blocks=256, writeback_s=wb))
+        for wb in (None, 0.2)
+    }
+    for wb, rep in reports.items():
+        assert rep["ok"] and rep["config"]["writeback_s"] == wb
+        pairs, bb = rep["per_pair_blocks"], rep["config"]["block_bytes"]
+        written = sum(n for pair, n in pairs.items() if pair.endswith("->disk")) * bb
+        assert rep["bytes_written_disk"] == written > 0
+        assert rep["bytes_registered"] > 0
+        assert rep["disk_write_amplification"] == round(written / rep["bytes_registered"], 4)
+    # Writeback copies blocks the device tier still holds down to the disk (at the latest at the final flush).
+    assert reports[0.2]["per_pair_blocks"].get("device->disk", 0) > 0

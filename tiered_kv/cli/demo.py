@@ -628,8 +628,14 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
             f"shutdown: {written} blocks written down from memory, disk holds {len(disk)} blocks "
             f"(+{len(disk) - before})"
         )
+        # Every block that reached the disk tier (demotions, writeback, persist) was one block write.
+        pairs = bm.metrics()["offload"].get("per_pair", {})
+        disk_writes = {
+            "blocks": sum(n for pair, n in pairs.items() if pair.endswith("->disk")),
+            "block_bytes": bm.model.block_size_bytes,
+        }
 
-    summary = _summarize(options, chat, rows, metrics, warm, tol)
+    summary = _summarize(options, chat, rows, metrics, warm, tol, disk_writes)
     _print_summary(console, summary)
     _plot(options.plot_path, rows, summary)
     console.print(f"plot: {options.plot_path}")
@@ -683,6 +689,7 @@ def _summarize(
     metrics: dict[str, Any],
     warm: int,
     tol: float,
+    disk_writes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     prompt = sum(r["prompt_tokens"] for r in rows)
     matched = {t: sum(r[f"{t}_tokens"] for r in rows) for t in ("device", "host", "disk")}
@@ -723,6 +730,13 @@ def _summarize(
         "logits_equal": all(d <= tol for d in diffs) if diffs else None,
         "warm_disk_blocks_at_start": warm,
     }
+    if disk_writes is not None:
+        # Disk write amplification: bytes written to the disk tier per byte of KV the turns registered.
+        registered = sum(r["stored_blocks"] for r in rows) * disk_writes["block_bytes"]
+        written = disk_writes["blocks"] * disk_writes["block_bytes"]
+        totals["bytes_registered"] = registered
+        totals["bytes_written_disk"] = written
+        totals["disk_write_amplification"] = written / registered if registered else None
     tiers = {
         t: {k: metrics[t][k] for k in ("total_blocks", "hits", "misses", "hit_rate", "evictions") if k in metrics[t]}
         for t in ("device", "host", "disk")
@@ -783,6 +797,12 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
         f"{off.get('demotions', 0)} demotions ({off.get('bytes_demoted', 0) / 2**20:.0f} MiB), "
         f"{off.get('promotions', 0)} promotions ({off.get('bytes_promoted', 0) / 2**20:.0f} MiB)",
     )
+    if t.get("disk_write_amplification") is not None:
+        table.add_row(
+            "disk write amplification",
+            f"x{t['disk_write_amplification']:.2f} ({t['bytes_written_disk'] / 2**20:.1f} MiB written to disk / "
+            f"{t['bytes_registered'] / 2**20:.1f} MiB registered)",
+        )
     console.print(table)
 
 

@@ -122,6 +122,9 @@ def stress(
 @click.option("--dtype", default="float16", show_default=True)
 @click.option("--eviction", default="arc", show_default=True)
 @click.option("--limit", type=int, default=None, help="Replay only the first N requests.")
+@click.option("--writeback-s", "writeback", default="5", show_default=True,
+              help='DiskConfig.writeback_s: seconds within which registered blocks reach the disk, or "none" '
+                   "(write blocks down only when a memory tier evicts them).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bytes of every returned block.")
 @click.option("--generate", "generate", type=click.Path(dir_okay=False), default=None,
               help="Write a synthetic trace to this file and exit.")
@@ -132,7 +135,7 @@ def stress(
 @handle_errors
 def replay(
     trace: str | None, path: str | None, device_blocks: int, host_blocks: int, disk_blocks: int, page_size: int,
-    num_layers: int, inner_dim: int, dtype: str, eviction: str, limit: int | None, verify: bool,
+    num_layers: int, inner_dim: int, dtype: str, eviction: str, limit: int | None, writeback: str, verify: bool,
     generate: str | None, requests: int, seed: int, as_json: bool, verbose: bool,
 ) -> None:
     """Replay a Mooncake-format JSONL trace through the store: hit rates per tier and bytes moved."""
@@ -151,10 +154,14 @@ def replay(
         raise CliError("missing TRACE (or --generate OUT)")
     if not os.path.isfile(trace):
         raise CliError(f"no trace file {trace}")
+    try:
+        writeback_s = None if writeback.lower() == "none" else float(writeback)
+    except ValueError as exc:
+        raise CliError(f'--writeback-s must be seconds or "none", got {writeback!r}') from exc
     opts = ReplayOptions(
         path=path, device_blocks=device_blocks, host_blocks=host_blocks, disk_blocks=disk_blocks,
         page_size=page_size, num_layers=num_layers, inner_dim=inner_dim, dtype=dtype, eviction=eviction,
-        limit=limit, verify=verify,
+        limit=limit, verify=verify, writeback_s=writeback_s,
     )
     err = stderr_console()
     show = sys.stderr.isatty() and not as_json
@@ -195,6 +202,9 @@ def _render_replay(report: dict[str, Any]) -> None:
         ("hit rate per tier", " ".join(f"{t}={r:.1%}" for t, r in report["hit_rate"].items())),
         ("promoted / demoted", f"{fmt_bytes(report['bytes_promoted'])} / {fmt_bytes(report['bytes_demoted'])}"),
         ("disk written / read", f"{fmt_bytes(report['bytes_written_disk'])} / {fmt_bytes(report['bytes_read_disk'])}"),
+        ("disk write amplification", "n/a" if report["disk_write_amplification"] is None else
+         f"x{report['disk_write_amplification']:.2f} (bytes written to disk / {fmt_bytes(report['bytes_registered'])}"
+         f" registered; writeback_s {cfg['writeback_s']})"),
         ("blocks verified / wrong", f"{report['blocks_verified']} / {report['wrong']}"),
         ("elapsed", f"{report['elapsed_s']:.1f} s ({report['requests_per_s']:.0f} requests/s)"),
     ]

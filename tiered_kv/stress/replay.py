@@ -56,6 +56,7 @@ class ReplayOptions:
     limit: int | None = None
     verify: bool = True
     wait_demotions: bool = True
+    writeback_s: float | None = 5.0  # DiskConfig.writeback_s: None writes blocks down only on eviction
 
     def __post_init__(self) -> None:
         if self.trace_block % self.page_size:
@@ -75,7 +76,8 @@ class ReplayOptions:
             model=self.model(),
             device=LayoutConfig(num_blocks=self.device_blocks),
             host=LayoutConfig(num_blocks=self.host_blocks),
-            disk=DiskConfig(path=path, num_blocks=self.disk_blocks, backend="posix", durability="none"),
+            disk=DiskConfig(path=path, num_blocks=self.disk_blocks, backend="posix", durability="none",
+                            writeback_s=self.writeback_s),
             eviction=self.eviction,
         )
 
@@ -121,7 +123,7 @@ class _Replayer:
         self.content = BlockContent(bm.model)
         self.verify = opts.verify
         self.window = max(1, self.top.total_blocks() // 2)
-        self.counts = dict.fromkeys(("requests", "blocks", "hits", "verified", "wrong", "skipped"), 0)
+        self.counts = dict.fromkeys(("requests", "blocks", "hits", "verified", "wrong", "skipped", "registered"), 0)
 
     def _check(self, blocks: list[Any], hashes: list[bytes]) -> None:
         if not self.verify or not blocks:
@@ -141,6 +143,7 @@ class _Replayer:
             try:
                 self.top.scatter(new, torch.stack([self.content.tensor(h) for h in part]))
                 registered = self.top.register_blocks(new, part)
+                self.counts["registered"] += len(registered)
                 self.top.release_blocks(registered)
             finally:
                 self.top.release_blocks(new)
@@ -207,6 +210,8 @@ def replay_trace(
     pairs: dict[str, int] = off.get("per_pair", {})
     bb = model.block_size_bytes
     tiers = {t: metrics[t] for t in ("device", "host", "disk")}
+    written_disk = sum(n for k, n in pairs.items() if k.endswith("->disk")) * bb
+    registered = c["registered"] * bb
     return {
         "ok": c["wrong"] == 0,
         "trace": os.fspath(trace),
@@ -225,7 +230,10 @@ def replay_trace(
         "demotions": off["demotions"],
         "bytes_promoted": off["bytes_promoted"],
         "bytes_demoted": off["bytes_demoted"],
-        "bytes_written_disk": pairs.get("host->disk", 0) * bb,
+        # Every block that reached the disk tier (demotion from either memory tier, or writeback) was one write.
+        "bytes_written_disk": written_disk,
+        "bytes_registered": registered,
+        "disk_write_amplification": round(written_disk / registered, 4) if registered else None,
         "bytes_read_disk": sum(n for k, n in pairs.items() if k.startswith("disk->")) * bb,
         "per_pair_blocks": pairs,
         "dropped_demotions": off["dropped_demotions"],
@@ -242,6 +250,7 @@ def replay_trace(
             "host_bytes": opts.host_blocks * bb,
             "disk_bytes": opts.disk_blocks * bb,
             "eviction": opts.eviction,
+            "writeback_s": opts.writeback_s,
         },
     }
 

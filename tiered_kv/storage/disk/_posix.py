@@ -262,6 +262,8 @@ class PosixBackend(DiskBackend):
 
     def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]) -> list[int]:
         """Write all ops in parallel, each worker checksumming its block just before writing it."""
+        if type(self).pwrite_blocks is not PosixBackend.pwrite_blocks:  # a subclass hooks writes: honour it
+            return super().pwrite_blocks_checksummed(ops, checksum)
         if not ops:
             return []
         sums = [0] * len(ops)
@@ -277,6 +279,8 @@ class PosixBackend(DiskBackend):
         self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]
     ) -> tuple[list[OSError | None], list[int | None]]:
         """Read all ops in parallel, each worker checksumming its block right after reading it."""
+        if type(self).pread_blocks is not PosixBackend.pread_blocks:  # a subclass hooks reads: honour it
+            return super().pread_blocks_checksummed(ops, checksum)
         if not ops:
             return [], []
         sums: list[int | None] = [None] * len(ops)

@@ -311,6 +311,11 @@ class Registry:
         with translated("syncing"):
             self.env.sync(True)
 
+    def copy(self, directory: str | os.PathLike[str]) -> None:
+        """Write a consistent copy of the environment (one read transaction) into the empty ``directory``."""
+        with translated(f"copying the registry to {os.fspath(directory)}"):
+            self.env.copy(os.fspath(directory))
+
     def disk_bytes(self) -> int:
         """Bytes the environment occupies on disk."""
         try:

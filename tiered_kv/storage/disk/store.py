@@ -20,26 +20,43 @@ in the meta record.
 
 Crash ordering (the rules every method below follows; comments at each site say which one):
 
-1. Write: data bytes are written to free slots first, then all the batch's rows are committed in ONE
-   LMDB write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and
-   the commit itself is synced, so a row on disk always points at durable data.
-2. Delete: the row deletions commit before ``delete()`` returns; only then may the caller reuse the
-   slots. A slot is never written while a committed row points at it.
-3. ``durability="batch"``: commits do not fsync (LMDB ``sync=False, metasync=False``: ``MDB_NOSYNC``); a
-   background thread, at least every second, fdatasyncs the data files THEN ``env.sync(True)``, so the rows it
-   makes durable point at synced data. But the OS may write LMDB pages back on its own before our data sync
-   (and a batch may commit between the two syncs), so after a power cut a durable row can point at a slot
-   whose new bytes never reached the disk. The xxh3-64 checksum in the row catches exactly that: reads verify
-   every block and drop rows that fail, so torn or stale bytes are never served as good (such a block's
-   descendants become orphans: :meth:`DiskStore.check` finds them). A process crash (``kill -9``) loses
-   nothing committed: the page cache survives it.
-   Caveat (power loss): LMDB documents that ``MDB_NOSYNC`` may corrupt the environment on a system crash
-   unless the file system keeps write order. The fix is ready behind ``_BATCH_SYNCS_COMMITS``: each commit then
-   fsyncs LMDB's data pages but not its meta page (``MDB_NOMETASYNC``), which LMDB documents keeps the
-   environment's integrity through a system crash and may undo only the last committed transaction. It costs
-   one registry fdatasync per commit, and today the disk pool deletes evicted rows under its own lock, one
-   commit per eviction: with it on, ``tiered-kv stress --duration 2.5`` did not finish in 10 minutes here.
-4. ``durability="none"``: like batch without the background data sync; ``flush()``/``close()`` sync.
+1. Write: data bytes are written to free slots first, then all the batch's rows are committed in ONE LMDB
+   write transaction. With ``durability="sync"`` the data is fdatasync'ed before the commit and the commit itself
+   is synced, in the caller's thread, so a row on disk always points at durable data when ``write_blocks``
+   returns. With "batch" and "none" the rows are group-committed: ``commit_written`` puts them in the in-memory
+   maps and queues them, and returns once a transaction carrying them has committed: the committer thread's
+   next pass, which carries every batch queued meanwhile (by other writers) and every queued deletion, so
+   concurrent writers share one transaction (one registry fdatasync under rule 3). The data was written before
+   its rows were queued, so before they commit, and a batch is acknowledged only once committed, so a
+   ``kill -9`` loses no acknowledged batch. A queue is committed whole, so the registry only passes through
+   states the in-memory maps had (no batch is split, and a parent registered before its child never commits
+   after it).
+2. Delete: ``delete()`` drops the rows from the in-memory maps at once (lookups and reads no longer see them)
+   and queues their deletion, which commits with the next transaction (rule 1's committer, a synchronous
+   commit, a flush or a close; deletions first, then puts: a hash deleted and stored again ends up stored). The
+   caller may hand the slots out again as soon as ``delete()`` returns, but the store never writes a slot while
+   a committed row points at it: ``write_data`` (and ``compact``) first commit the queued deletions of the slots
+   they are about to overwrite. So a slot's old bytes stay intact until its row's deletion has committed, and a
+   crash before that commit brings the row back pointing at its own, intact bytes. Such a resurrected block is
+   a valid cache entry, and the tier stays prefix-closed: the queue commits whole, and eviction removes a
+   block's descendants before or together with it, so a resurrected block's parent is on disk or resurrected
+   too. Why queued: the disk pool deletes its victims while it holds its own lock, one call per eviction; a
+   commit there (an fdatasync with rule 3's flags) stalled every allocation behind it.
+3. ``durability="batch"``: each commit fdatasyncs LMDB's data pages but not its meta page (``sync=True,
+   metasync=False``: ``MDB_NOMETASYNC``), which LMDB documents keeps the environment's integrity (atomicity,
+   consistency, isolation) through a system crash and may undo only the last committed transaction; the
+   block data files are not synced per commit. A background thread, at least every second, fdatasyncs the
+   data files THEN ``env.sync(True)``, so the rows it makes durable point at synced data. But a batch may
+   commit between the two syncs (and its registry pages are synced by the commit itself), so after a power
+   cut a durable row can point at a slot whose new bytes never reached the disk. The xxh3-64 checksum in the
+   row catches exactly that: reads verify every block and drop rows that fail, so torn or stale bytes are
+   never served as good (such a block's descendants become orphans: :meth:`DiskStore.check` finds them). A
+   process crash (``kill -9``) loses nothing committed: the page cache survives it. The registry fdatasync
+   costs one per transaction, so rules 1 and 2 keep transactions few: one per committer pass (however many
+   batches and evictions it carries) plus one before a freed slot is overwritten. ``tools/bench_durability.py``
+   measures it against the old ``MDB_NOSYNC`` flags, which ``_BATCH_SYNCS_COMMITS = False`` restores.
+4. ``durability="none"``: ``MDB_NOSYNC`` and no background data sync (a power cut may corrupt the registry:
+   for caches that can be thrown away); ``flush()``/``close()`` sync.
 5. Two rows claiming one slot (possible only after a power cut in batch/none mode undid a delete but
    kept a later write): the newer row wins at open, the other is dropped.
 6. Capacity changes at open: growing fallocates the files before the meta record says so; shrinking
@@ -57,6 +74,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -79,6 +97,7 @@ from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
 from .registry import (
     FORMAT_VERSION,
     READABLE_FORMAT_VERSIONS,
+    REGISTRY_DIR,
     ROW_FIELDS,
     Registry,
     Row,
@@ -108,12 +127,17 @@ _NSHARDS = 8
 _FILE_PATTERN = "data-{:03d}.bin"
 _LOCK_FILE = "writer.lock"
 _SYNC_INTERVAL_S = 0.5  # < 1 s: the "batch" durability promise is "synced at least every second"
+# Rule 1: the committer's passes are at least this far apart while no writer waits for one (queued deletions and
+# touches gather; a writer waiting for its batch or for a freed slot cuts the pause short).
+_COMMIT_INTERVAL_S = 0.005
+# A writer waits this long for the committer before committing itself (the committer is failing or stuck).
+_AWAIT_COMMIT_S = 5.0
 _MIN_MAP_SIZE = 1 << 30
 _MAP_BYTES_PER_BLOCK = 2048  # a row is ~100 B in LMDB; 20x headroom for copy-on-write and free pages
 _IO_BATCH_BYTES = 256 << 20  # verify/shrink read this much per batch
-# Rule 3: "batch" commits sync LMDB's data pages (MDB_NOMETASYNC: integrity through power loss). Off until
-# evictions stop paying one registry fdatasync each under the pool lock (see rule 3 for what it costs today).
-_BATCH_SYNCS_COMMITS = False
+# Rule 3: "batch" commits sync LMDB's data pages (MDB_NOMETASYNC: integrity through power loss, only the last
+# transaction may be undone). False restores MDB_NOSYNC (the old flags; tools/bench_durability.py compares them).
+_BATCH_SYNCS_COMMITS = True
 
 
 @dataclass(frozen=True)
@@ -314,6 +338,17 @@ class DiskStore:
         self._by_slot: dict[int, bytes] = {}
         self._inflight: set[int] = set()  # slots being written by an uncommitted batch
         self._pending_touch: set[bytes] = set()
+        # Rule 2: deletions not committed yet (hash -> its row), and the slots they free (slot -> hash). The rows
+        # are gone from _rows/_by_slot already; a slot in _dying is not written until its deletion commits.
+        self._pending_delete: dict[bytes, Row] = {}
+        self._dying: dict[int, bytes] = {}
+        # Rule 1: rows in the maps but not committed yet ("batch" and "none"), and the committer that commits them.
+        self._pending_put: dict[bytes, Row] = {}
+        self._work = threading.Condition(self._lock)  # queued work, committed passes and urgent waiters
+        self._urgent = 0  # writers waiting for a commit (rules 1 and 2)
+        self._queued_seq = 0  # write batches queued so far (rule 1) ...
+        self._committed_seq = 0  # ... and how many of them a transaction has committed
+        self._committer: threading.Thread | None = None
         self._data_dirty = False  # data written since the batch syncer last ran
         self._closed = False
         self._stop = threading.Event()
@@ -414,8 +449,9 @@ class DiskStore:
         self._writer_lock = _WriterLock(self.root)
         want = self.config.num_blocks
         map_size = max(_MIN_MAP_SIZE, want * _MAP_BYTES_PER_BLOCK)
-        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit; "batch" syncs the data pages only when
-        # _BATCH_SYNCS_COMMITS (integrity through power loss, the last transaction may be undone); "none" neither.
+        # Rules 1, 3, 4: "sync" syncs data and meta pages at each commit; "batch" syncs the data pages
+        # (MDB_NOMETASYNC: integrity through power loss, the last transaction may be undone; MDB_NOSYNC when
+        # _BATCH_SYNCS_COMMITS is switched off); "none" neither.
         self._registry = Registry(
             self.root,
             readonly=False,
@@ -454,6 +490,8 @@ class DiskStore:
             self.capacity_ = want
         self._syncer = threading.Thread(target=self._sync_loop, name="tiered-kv-disk-sync", daemon=True)
         self._syncer.start()
+        self._committer = threading.Thread(target=self._commit_loop, name="tiered-kv-disk-commit", daemon=True)
+        self._committer.start()
         logger.info(
             "disk tier %s open for writing: %d/%d blocks used, backend %s, durability %s",
             self.root,
@@ -635,6 +673,30 @@ class DiskStore:
             raise disk_error(exc, f"syncing moved blocks of {self.root}") from exc
         return moved, lost
 
+    def copy_to(self, path: str | os.PathLike[str]) -> None:
+        """Copy the tier, as a ``kill -9`` at this instant would leave it, into the new directory ``path``.
+
+        The copy holds the committed rows (queued deletions not applied, as after a crash: rule 2) and the bytes
+        they point at; blocks being written but not committed yet are unreferenced there. Consistent while the
+        tier is in use: no registry transaction runs during the copy (``_commit_lock``), LMDB copies its
+        environment from one read transaction, and no slot a committed row points at is written meanwhile
+        (rules 1 and 2). Open ``path`` as a tier of its own (a backup, or a crash test's restart).
+
+        Raises:
+            DiskTierError: ``path`` exists, or an I/O or LMDB failure.
+        """
+        reg = self._check_open()
+        dest = os.path.abspath(os.fspath(path))
+        try:
+            os.makedirs(dest)
+            with self._commit_lock:
+                for src in self._paths():
+                    shutil.copyfile(src, os.path.join(dest, os.path.basename(src)))
+                os.makedirs(os.path.join(dest, REGISTRY_DIR))
+                reg.copy(os.path.join(dest, REGISTRY_DIR))
+        except OSError as exc:
+            raise disk_error(exc, f"copying the disk tier {self.root} to {dest}") from exc
+
     def compact(self, exclude: Iterable[int] = ()) -> dict[bytes, tuple[int, int]]:
         """Move live blocks into the lowest free slots and shrink the data files to the live extent.
 
@@ -653,6 +715,8 @@ class DiskStore:
         reg = self._check_open(write=True)
         pinned = set(exclude)
         with self._commit_lock:
+            if self._pending_delete or self._pending_put:
+                self._commit()  # rules 1, 2: the slots freed by queued deletions become copy targets below
             with self._lock:
                 rows = dict(self._rows)
                 inflight = set(self._inflight)
@@ -783,21 +847,99 @@ class DiskStore:
         return list(zip(toks, parent_keys, strict=True))
 
     def _commit(self, puts: dict[bytes, Row] | None = None, deletes: Sequence[bytes] = ()) -> None:
-        """One registry transaction carrying ``puts``, ``deletes`` and every pending touch.
+        """One registry transaction carrying every queued deletion, ``deletes``, ``puts`` and every pending touch
+        (deletions first: a hash deleted and stored again ends up stored).
 
-        Caller holds ``_commit_lock``.
+        Caller holds ``_commit_lock``. Rule 2: once it returns, the slots of the queued deletions may be written.
         """
         assert self._registry is not None
         with self._lock:
             touched, self._pending_touch = self._pending_touch, set()
+            queued, self._pending_delete = self._pending_delete, {}
+            put_rows, self._pending_put = self._pending_put, {}
+            upto = self._queued_seq
             dropped = set(deletes)
             touch_rows = {k: self._rows[k] for k in touched if k in self._rows and k not in dropped}
         try:
-            self._registry.commit(puts={**touch_rows, **(puts or {})}, deletes=deletes)
+            self._registry.commit(puts={**touch_rows, **put_rows, **(puts or {})}, deletes=[*queued, *deletes])
         except BaseException:
             with self._lock:
                 self._pending_touch |= touched  # touches are retried with the next commit
+                # Queued deletions and rows too, unless a later delete() or write changed the hash meanwhile.
+                self._pending_delete = {**queued, **self._pending_delete}
+                self._pending_put = {
+                    **{k: self._rows[k] for k in put_rows if k in self._rows and k not in self._pending_delete},
+                    **self._pending_put,
+                }
             raise
+        with self._lock:
+            self._committed_seq = max(self._committed_seq, upto)  # rule 1: those batches may be acknowledged
+            for key, row in queued.items():
+                if self._dying.get(row.slot) == key:
+                    del self._dying[row.slot]  # rule 2: its deletion is committed, the slot may be written
+            self._work.notify_all()  # writers waiting in _await_commit
+
+    def _commit_dying(self, slots: Iterable[int]) -> None:
+        """Return once no queued deletion waits on ``slots`` (rule 2: before those slots are written)."""
+        wanted = list(slots)
+        self._await_commit(lambda: not any(s in self._dying for s in wanted))
+
+    def _await_commit(self, done: Callable[[], bool]) -> None:
+        """Return once ``done()`` (checked under ``_lock``) holds, after the commits it waits for.
+
+        The committer's next pass does the commit, with everything else queued (one transaction for all the
+        writers waiting, not one each); this thread commits itself if the committer is stopped or has not done it
+        within ``_AWAIT_COMMIT_S`` (a failing commit then raises here).
+        """
+        with self._work:
+            if done():
+                return
+            committer = self._committer
+            if committer is not None and committer.is_alive() and not self._stop.is_set():
+                self._urgent += 1  # the committer skips its gathering pause
+                self._work.notify_all()
+                try:
+                    deadline = time.monotonic() + _AWAIT_COMMIT_S
+                    while not done() and committer.is_alive() and not self._stop.is_set():
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._work.wait(left)
+                finally:
+                    self._urgent -= 1
+            if done():
+                return
+        with self._commit_lock:
+            with self._lock:
+                if done():
+                    return  # another thread's commit did it meanwhile
+            self._commit()
+
+    def _commit_loop(self) -> None:
+        """Rule 1's committer: commit whatever is queued, one transaction per pass, passes at least
+        ``_COMMIT_INTERVAL_S`` apart."""
+        while True:
+            with self._work:
+                while not (self._pending_put or self._pending_delete) and not self._stop.is_set():
+                    self._work.wait()
+            if self._stop.is_set():
+                return  # close() commits what is left
+            try:
+                with self._commit_lock:
+                    self._commit()
+            except DiskTierError as exc:
+                # The rows stay queued (and served from memory); the next pass retries.
+                self.last_sync_error = exc
+                logger.error("disk tier registry commit failed: %s", exc)
+                self._stop.wait(_SYNC_INTERVAL_S)
+            # Let the next batch gather, unless a writer waits for a slot's deletion (rule 2).
+            deadline = time.monotonic() + _COMMIT_INTERVAL_S
+            with self._work:
+                while not self._urgent and not self._stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._work.wait(left)
 
     # -- writes -----------------------------------------------------------------------------------
     def write_blocks(
@@ -871,6 +1013,9 @@ class DiskStore:
                     raise DiskTierError(f"slot {slot} is not free (it holds a live block or is being written)")
             self._inflight.update(slot_list)
         try:
+            # Rule 2: a slot freed by a delete() whose row deletion is still queued is overwritten only after
+            # that deletion commits (one transaction for everything queued).
+            self._commit_dying(slot_list)
             # Checksums come from the caller's bytes, not from what reached the disk: a torn or corrupted
             # write then fails verification on read instead of being blessed here.
             ops = [self._op(s, flat[i]) for i, s in enumerate(slot_list)]
@@ -906,7 +1051,9 @@ class DiskStore:
         parents: Sequence[bytes | None] | None = None,
     ) -> None:
         """Register blocks whose bytes :meth:`write_data` wrote: all rows in one transaction (the second half of
-        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first (rule 1). ``tokens`` and
+        :meth:`write_blocks`). With ``durability="sync"`` the data is synced first and the rows are committed
+        (synced) when this returns; with "batch" and "none" they are committed when this returns, in the
+        committer thread's transaction that carries every batch queued meanwhile (rule 1). ``tokens`` and
         ``parents`` as in :meth:`write_blocks`.
 
         Raises:
@@ -924,11 +1071,7 @@ class DiskStore:
             raise DiskTierError("hashes and slots of one write batch must be distinct")
         extras = self._row_extras(hashes, keys, tokens, parents)
         with self._lock:
-            for key, slot in zip(keys, slot_list, strict=True):
-                if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
-                    raise DiskTierError(f"slot {slot} is not a free slot of the disk tier")
-                if key in self._rows:
-                    raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key].slot}")
+            self._check_free(keys, slot_list)
         if self.durability == "sync":
             try:
                 self.backend.sync()  # rule 1: data durable before its row commits
@@ -939,6 +1082,30 @@ class DiskStore:
             k: Row(s, c, self.block_size, now, now, 0, *x)
             for k, s, c, x in zip(keys, slot_list, checksums, extras, strict=True)
         }
+        if self.durability != "sync":
+            # Rule 1: queued whole (one transaction takes the whole queue) for the committer's next pass, which
+            # carries every batch queued meanwhile; acknowledged once committed, so a kill -9 keeps it.
+            with self._lock:
+                self._check_free(keys, slot_list)  # again: another thread may have taken them meanwhile
+                self._rows.update(rows)
+                for k, s in zip(keys, slot_list, strict=True):
+                    self._by_slot[s] = k
+                self._pending_put.update(rows)
+                self._queued_seq += 1
+                mine = self._queued_seq
+                self._work.notify_all()
+            try:
+                self._await_commit(lambda: self._committed_seq >= mine)
+            except BaseException:
+                with self._lock:  # not committed: the batch was never stored (as with a synchronous commit)
+                    for k, row in rows.items():
+                        if self._rows.get(k) is row:
+                            del self._rows[k]
+                            self._pending_put.pop(k, None)
+                            if self._by_slot.get(row.slot) == k:
+                                del self._by_slot[row.slot]
+                raise
+            return
         with self._commit_lock:
             self._commit(puts=rows)  # rule 1: one transaction for the whole batch, after the data
             with self._lock:
@@ -946,23 +1113,37 @@ class DiskStore:
                 for k, s in zip(keys, slot_list, strict=True):
                     self._by_slot[s] = k
 
-    def delete(self, hashes: Sequence[bytes]) -> None:
-        """Drop the rows of ``hashes`` (unknown ones are ignored) in one committed transaction.
+    def _check_free(self, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        """Refuse a batch whose slots are not free or whose hashes are stored. Caller holds ``_lock``."""
+        for key, slot in zip(keys, slots, strict=True):
+            if not 0 <= slot < self.capacity_ or slot in self._by_slot or slot in self._inflight:
+                raise DiskTierError(f"slot {slot} is not a free slot of the disk tier")
+            if key in self._rows:
+                raise DiskTierError(f"block {key.hex()} is already stored in slot {self._rows[key].slot}")
 
-        Only after this returns may the caller reuse their slots (rule 2).
+    def delete(self, hashes: Sequence[bytes]) -> None:
+        """Drop the rows of ``hashes`` (unknown ones are ignored); their deletion is group-committed (rule 2).
+
+        When this returns the blocks are gone from lookups and reads, and the caller may reuse their slots: the
+        store writes such a slot only after the deletion has committed (the committer's next pass, milliseconds
+        later, or right before the slot is written). Until then a crash may bring the rows
+        back, pointing at their own intact bytes. :meth:`flush` and :meth:`close` commit the queue.
         """
         self._check_open(write=True)
         keys = [self._check_hash(h) for h in hashes]
-        with self._commit_lock:
-            with self._lock:
-                present = [k for k in dict.fromkeys(keys) if k in self._rows]
-            if not present:
-                return
-            self._commit(deletes=present)
-            with self._lock:
-                for k in present:
-                    row = self._rows.pop(k)
-                    self._by_slot.pop(row.slot, None)
+        with self._lock:
+            for k in dict.fromkeys(keys):
+                row = self._rows.pop(k, None)
+                if row is None:
+                    continue
+                if self._by_slot.get(row.slot) == k:
+                    del self._by_slot[row.slot]
+                self._pending_delete[k] = row
+                self._dying[row.slot] = k
+                self._pending_touch.discard(k)
+                self._pending_put.pop(k, None)  # never committed, or committed and now deleted: either way gone
+            if self._pending_delete:
+                self._work.notify_all()
 
     def touch(self, hashes: Sequence[bytes]) -> None:
         """Refresh recency (last_access, hits) of stored blocks; buffered, committed within about a second."""
@@ -1278,7 +1459,8 @@ class DiskStore:
         self._registry.sync()
 
     def _commit_touches(self) -> None:
-        if self._pending_touch:
+        """Commit pending touches, queued rows and deletions (rules 1 and 2), if there are any."""
+        if self._pending_touch or self._pending_delete or self._pending_put:
             with self._commit_lock:
                 self._commit()
 
@@ -1296,7 +1478,7 @@ class DiskStore:
                 logger.error("disk tier background sync failed: %s", exc)
 
     def flush(self) -> None:
-        """Commit pending touches, fdatasync the data, then sync the registry (every durability mode).
+        """Commit queued rows, deletions and touches, fdatasync the data, then sync the registry (every mode).
 
         Raises:
             DiskTierError: a sync failed.
@@ -1313,9 +1495,12 @@ class DiskStore:
             return
         error: BaseException | None = None
         self._stop.set()
-        if self._syncer is not None:
-            self._syncer.join()
-            self._syncer = None
+        with self._work:
+            self._work.notify_all()
+        for thread in (self._syncer, self._committer):
+            if thread is not None:
+                thread.join()
+        self._syncer = self._committer = None
         if not self.readonly and self._registry is not None:
             try:
                 self.flush()

@@ -5,10 +5,10 @@
 algorithm, size of the token ids, digest of fingerprint + namespace + algorithm, key tag, size, xxh3-64 of what
 follows), the block's token ids when its writer knew them (a match with ``tokens=`` compares them: a hash
 collision is a miss), then the block's raw bytes (see :mod:`tiered_kv.storage.remote._format`). Every read checks
-the header and the checksum; anything that does not match is a miss, counted, and deleted. There is no eviction policy here:
-Redis's own ``maxmemory`` policy decides what stays. Requests are pipelined and grouped per cluster node with
-bounded timeouts; a slow or dead node makes its keys misses (reads) or dropped writes, never a stall or an
-exception (see :mod:`tiered_kv.storage.remote._cluster`).
+the header and the checksum; anything that does not match is a miss, counted, and deleted. There is no eviction
+policy here: Redis's own ``maxmemory`` policy decides what stays. Requests are pipelined and grouped per cluster
+node with bounded timeouts; a slow or dead node makes its keys misses (reads) or dropped writes, never a stall or
+an exception (see :mod:`tiered_kv.storage.remote._cluster`).
 
 Redis settings to use (``redis.conf`` or ``redis-server --option value``)::
 
