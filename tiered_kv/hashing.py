@@ -383,10 +383,12 @@ def plain_hashes(hashes: Sequence[Any], size: int, argument: str = "hashes") -> 
     out = list(hashes)
     # Batch checks at C speed; the per-hash path only runs to convert or to name the first bad one.
     types = set(map(type, out))
+    if types - {bytes} and all(issubclass(t, (bytes, bytearray, memoryview)) for t in types):
+        out = list(map(bytes, out))  # SequenceHash, bytearray, ...: plain bytes, at C speed
+        types = {bytes}
     if types <= {bytes} and set(map(len, out)) <= {size}:
         return out
-    return [h if type(h) is bytes and len(h) == size else bytes(_checked(h, size, f"{argument}[{i}]"))
-            for i, h in enumerate(out)]
+    return [bytes(_checked(h, size, f"{argument}[{i}]")) for i, h in enumerate(out)]
 
 
 def check_hash(value: object, algorithm: str, argument: str = "sequence hash") -> bytes:
