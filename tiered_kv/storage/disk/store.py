@@ -932,10 +932,11 @@ class DiskStore:
                 self.last_sync_error = exc
                 logger.error("disk tier registry commit failed: %s", exc)
                 self._stop.wait(_SYNC_INTERVAL_S)
-            # Let the next batch gather, unless a writer waits for a slot's deletion (rule 2).
+            # Let queued deletions gather (one per eviction), unless a writer waits: for a slot's deletion (rule 2)
+            # or for its own rows (they batch up anyway while a commit's fdatasync runs).
             deadline = time.monotonic() + _COMMIT_INTERVAL_S
             with self._work:
-                while not self._urgent and not self._stop.is_set():
+                while not self._urgent and not self._pending_put and not self._stop.is_set():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
