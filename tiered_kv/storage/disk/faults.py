@@ -22,7 +22,6 @@ It is a product feature (the ``stress`` command drives the whole stack through i
 from __future__ import annotations
 
 import errno
-import os
 import random
 import threading
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp
+from .wrappers import WrapperBackend
 
 __all__ = ["FAULT_KINDS", "FaultInjectingBackend"]
 
@@ -39,7 +39,7 @@ _WRITE_KINDS = frozenset(FAULT_KINDS)
 _READ_KINDS = frozenset({"eio", "bitflip"})
 
 
-class FaultInjectingBackend(DiskBackend):
+class FaultInjectingBackend(WrapperBackend):
     """Wraps ``inner`` and injects faults into a fraction ``rate`` of block transfers.
 
     Args:
@@ -68,27 +68,15 @@ class FaultInjectingBackend(DiskBackend):
             raise ValueError(f"kinds must be a non-empty subset of {FAULT_KINDS}, got {kinds!r}")
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be in [0, 1], got {rate!r}")
-        self.inner = inner
+        super().__init__(inner)
         self.rate = rate
         self.kinds = kinds
         self.name = f"faults({inner.name})"
-        self.accepts_cuda = inner.accepts_cuda
         self.injected: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
-    def open(self, paths: Sequence[str | os.PathLike[str]], *, readonly: bool) -> None:
-        """Open the wrapped backend."""
-        self.inner.open(paths, readonly=readonly)
-        self.direct_io = self.inner.direct_io
-
-    def close(self) -> None:
-        """Close the wrapped backend."""
-        self.inner.close()
-
-    def sync(self) -> None:
-        """Sync the wrapped backend (syncs are never faulted: fsync failures are their own topic)."""
-        self.inner.sync()
+    # open, close and sync pass through (WrapperBackend): syncs are never faulted, fsync failures are their own topic.
 
     def _draw(self, allowed: frozenset[str]) -> tuple[str | None, int]:
         """A fault kind (or None) and a random int for where to apply it, under the lock."""
