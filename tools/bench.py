@@ -94,6 +94,18 @@ def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
                         sw[f"{k}_GBps"] / sw["plain_copy_GBps"]))
         out.append(("bookkeeping through the manager's pool (allocate 16 + register + release + match + release)",
                     f"{pp['bookkeeping_blocks_per_s']:,.0f} blocks/s", "", None))
+    tr = run("bench_trace.py", *(["--limit", "1000", "--repeat", "1"] if quick else []))
+    if tr:
+        for trace, r in tr.items():
+            ours, peer, floor = r.get("tiered_kv_arc"), r.get("vllm_arc"), r.get("dict_lru")
+            if ours is None:
+                continue
+            base = f"dict LRU {floor['us_per_block']:.2f} us" if floor else ""
+            if peer:
+                base = f"vLLM ARCCachePolicy {peer['us_per_block']:.2f} us (hit {peer['hit_ratio']:.3f}); " + base
+            out.append((f"Mooncake {trace} replay through host() match/allocate/register, ARC",
+                        f"{ours['us_per_block']:.2f} us/block (hit {ours['hit_ratio']:.3f})", base,
+                        peer["us_per_block"] / ours["us_per_block"] if peer else None))
     t = run("bench_ttft.py", *(["--lengths", "4096", "8192"] if quick else ["--lengths", "4096", "8192", "16384",
                                                                                 "32768"]))
     if t:
