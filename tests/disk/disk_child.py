@@ -1,13 +1,11 @@
-"""Child processes for the disk tests: a write storm to be killed, and a writer that holds the lock.
+"""Child process for the disk crash tests: a write storm to be killed (the lock-holding writer of the backend
+conformance suite is ``python -m tiered_kv.testing._disk_child``).
 
 Usage:
     python disk_child.py storm PATH DURABILITY CAPACITY SEED
         Writes (and evicts) blocks forever. Prints "ready" once open, then per durable batch a line
         "w HEX HEX ..." (after write_blocks returned for durability=sync, after flush() for batch),
         and "d HEX ..." BEFORE deleting those hashes.
-    python disk_child.py hold PATH
-        Opens PATH for writing, stores 8 blocks ("hold" stream), prints "ready PID", then stores 8 more
-        ("hold2") and prints "more" when a line arrives on stdin, and exits at EOF.
 """
 
 from __future__ import annotations
@@ -54,22 +52,7 @@ def storm(path: str, durability: str, capacity: int, seed: int) -> None:
                 pending.clear()
 
 
-def hold(path: str) -> None:
-    import os
-
-    store = DiskStore(disk_config(path, 64, "sync"), MODEL, hash_algorithm=ALGO, namespace=NAMESPACE)
-    hashes = [seq_hash("hold", k) for k in range(8)]
-    store.write_blocks(hashes, list(range(8)), blocks_for(hashes, MODEL))
-    print("ready", os.getpid(), flush=True)
-    for _line in sys.stdin:
-        more = [seq_hash("hold2", k) for k in range(8)]
-        store.write_blocks(more, list(range(8, 16)), blocks_for(more, MODEL))
-        print("more", flush=True)
-    store.close()
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "storm":
-        storm(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
-    else:
-        hold(sys.argv[2])
+    if sys.argv[1:2] != ["storm"] or len(sys.argv) != 6:
+        sys.exit("usage: python disk_child.py storm PATH DURABILITY CAPACITY SEED")
+    storm(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
