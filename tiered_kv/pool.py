@@ -1143,8 +1143,6 @@ class BlockPool:
         """
         return plain_hashes(hashes, self.hash_length, argument)
 
-    _validate_hashes = validate_hashes  # the name older callers use
-
     def _check_open(self) -> None:
         if self._closed():
             from .errors import ShutdownError

@@ -183,11 +183,6 @@ class InflightSource(SnapshotSource):
         with self._lock:
             return [self._parents.get(b.sequence_hash) for b in blocks]
 
-    def hashes(self) -> list[bytes]:
-        """Every queued hash, in no particular order."""
-        with self._lock:
-            return list(self._data)
-
     def drop(self, hashes: Sequence[bytes]) -> None:
         """Forget snapshots (their write landed, or was given up)."""
         with self._lock:
