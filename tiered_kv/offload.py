@@ -294,7 +294,8 @@ class OffloadScheduler:
                 return
             data, bad = pool.storage.gather([s for _, s in todo])
             toks, _ = pool.lineage_at([s for _, s in todo])  # stored with the value: remote hits check them
-            good = [i for i in range(len(todo)) if i not in set(bad)]
+            failed = set(bad)
+            good = [i for i in range(len(todo)) if i not in failed]
             if good:
                 idx = torch.tensor(good)
                 remote.enqueue(
