@@ -1111,6 +1111,11 @@ class BlockPool:
                     state[slot] = _FREE
                     self._slot_hash[slot] = None
                 self.metrics.corrupt += len(lost)
+                if lost:  # reported like any removal: the reaper drops their descendants, subscribers hear of it
+                    if self._on_removed is not None:
+                        self._on_removed(lost)
+                    if self.events is not None and self.events.active:
+                        self.events.publish("removed", self.tier, lost)
             used = {i for i in range(self._n) if state[i] != _FREE}
             self._free = [i for i in range(self._n - 1, -1, -1) if i not in used]
             return len(moves)

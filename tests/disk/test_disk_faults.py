@@ -154,3 +154,42 @@ def test_fault_wrapper_validates() -> None:
         FaultInjectingBackend(PosixBackend(), rate=2.0)
     with pytest.raises(ValueError):
         FaultInjectingBackend(PosixBackend(), rate=0.1, kinds=("meteor",))
+
+
+class _DeleteDuringRead(FaultInjectingBackend):
+    """Fails every read (EIO) and, while the read is in flight, lets another caller delete those blocks."""
+
+    def __init__(self, inner: PosixBackend) -> None:
+        super().__init__(inner, rate=0.0, seed=3)
+        self.during_read: list[bytes] = []
+        self.store: DiskStore | None = None
+
+    def pread_blocks(self, ops):  # type: ignore[no-untyped-def]
+        if self.during_read and self.store is not None:
+            self.store.delete(self.during_read)  # an eviction or a second reader dropping the same rows
+        return [OSError(5, "injected EIO") for _ in ops]
+
+
+def test_failed_read_of_a_block_deleted_meanwhile(tmp_path: Path) -> None:
+    # Regression: the stress run's reader thread died with KeyError when a block that failed its read was deleted
+    # by another thread between the read and the drop of the failed rows.
+    backend = _DeleteDuringRead(PosixBackend())
+    store = DiskStore(
+        disk_config(tmp_path / "t", 16, "sync"), MODEL, hash_algorithm=ALGO, namespace=NAMESPACE, backend=backend
+    )
+    try:
+        backend.store = store
+        hashes = _fill(store, "gone", [0, 1, 2])
+        backend.during_read = hashes[:2]
+        _, bad = store.read_blocks([0, 1, 2])
+        assert bad == [0, 1, 2]
+        assert store.corrupt_count == 1  # only the block still there when the failure was dropped counts
+        assert all(store.lookup(h) is None for h in hashes)
+        store.flush()
+    finally:
+        store.close()
+    reopened = DiskStore(disk_config(tmp_path / "t", 16, "sync"), MODEL, hash_algorithm=ALGO, namespace=NAMESPACE)
+    try:
+        assert reopened.entries() == []  # every deletion committed
+    finally:
+        reopened.close()

@@ -13,14 +13,14 @@ expected when faults are injected).
 
 Removal events arrive on the event dispatcher thread, a little after the removal. The ledger numbers each one
 as it arrives; a checkpoint only claims hashes with no removal numbered after the checkpoint started, so a block
-evicted while the flush ran is never claimed. A live check waits a grace period for in-flight events before it
-calls a block lost.
+evicted while the flush ran is never claimed. A live check takes the disk tier's hashes under its lock
+(a removal publishes its event under that lock), then delivers the queued events itself before it calls a block
+lost: no grace period, no clock.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -29,10 +29,6 @@ from ..manager import KvBlockManager
 from .content import BlockContent
 
 __all__ = ["DiskLedger", "ReopenCheck", "verify_disk"]
-
-#: How long a live check waits for removal events still in flight before it calls a block lost.
-GRACE_SECONDS = 0.3
-
 
 class DiskLedger:
     """Tracks which hashes the disk tier must hold (see the module docstring).
@@ -76,16 +72,17 @@ class DiskLedger:
         return new
 
     def missing_live(self) -> list[bytes]:
-        """Required hashes the live disk tier does not hold (after a grace period for in-flight events)."""
+        """Required hashes the live disk tier does not hold.
+
+        No grace period: the pool publishes a removal's event under its lock, so once the snapshot (taken under
+        that lock) misses a block, its event is queued; delivering the queue on this thread settles the ledger.
+        """
         disk = self.bm.disk()
         assert disk is not None
+        present = set(disk.cached_hashes())
+        self.bm.deliver_events_now()
         with self._lock:
-            candidates = [h for h in self.required if h not in disk]
-        if not candidates:
-            return []
-        time.sleep(GRACE_SECONDS)
-        with self._lock:
-            return [h for h in candidates if h in self.required and h not in disk]
+            return [h for h in self.required if h not in present]
 
     def close(self) -> None:
         """Stop listening."""

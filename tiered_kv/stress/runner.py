@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,9 @@ class Workers:
                 target()
             except Exception as exc:  # an unexpected failure of the store: counted and shown, never silent
                 stats.add("client_failures")
-                self._wrong(f"{name} died: {type(exc).__name__}: {exc}")
+                where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                    for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+                self._wrong(f"{name} died: {type(exc).__name__}: {exc} (at {where})")
                 log.exception("%s died", name)
 
         t = threading.Thread(target=guarded, name=name, daemon=True)

@@ -1133,18 +1133,30 @@ class DiskStore:
         self._check_open(write=True)
         keys = [self._check_hash(h) for h in hashes]
         with self._lock:
-            for k in dict.fromkeys(keys):
-                row = self._rows.pop(k, None)
-                if row is None:
-                    continue
-                if self._by_slot.get(row.slot) == k:
-                    del self._by_slot[row.slot]
-                self._pending_delete[k] = row
-                self._dying[row.slot] = k
-                self._pending_touch.discard(k)
-                self._pending_put.pop(k, None)  # never committed, or committed and now deleted: either way gone
-            if self._pending_delete:
-                self._work.notify_all()
+            self._queue_deletes_locked(keys)
+
+    def _queue_deletes_locked(self, keys: Iterable[bytes], expect: dict[bytes, Row] | None = None) -> list[bytes]:
+        """Drop rows from lookups and queue their deletion for the committer (rule 2); returns the keys dropped.
+
+        ``expect``: drop a key only while its row is still that block (a touch may have made a new row of the same
+        block; another deletion may have taken it already). Caller holds ``_lock``.
+        """
+        dropped: list[bytes] = []
+        for k in dict.fromkeys(keys):
+            row = self._rows.get(k)
+            if row is None or (expect is not None and not row.same_block(expect[k])):
+                continue
+            del self._rows[k]
+            if self._by_slot.get(row.slot) == k:
+                del self._by_slot[row.slot]
+            self._pending_delete[k] = row
+            self._dying[row.slot] = k
+            self._pending_touch.discard(k)
+            self._pending_put.pop(k, None)  # never committed, or committed and now deleted: either way gone
+            dropped.append(k)
+        if self._pending_delete:
+            self._work.notify_all()
+        return dropped
 
     def touch(self, hashes: Sequence[bytes]) -> None:
         """Refresh recency (last_access, hits) of stored blocks; buffered, committed within about a second."""
@@ -1213,17 +1225,11 @@ class DiskStore:
             with self._lock:
                 self.corrupt_count += len(confirmed)
             return confirmed
-        with self._commit_lock:
-            with self._lock:
-                # Still the block that failed (a touch since then made a new row of the same block).
-                gone = [k for k, row in items if (cur := self._rows.get(k)) is not None and cur.same_block(row)]
-            if gone:
-                self._commit(deletes=gone)
-                with self._lock:
-                    for k in gone:
-                        row = self._rows.pop(k)
-                        self._by_slot.pop(row.slot, None)
-                    self.corrupt_count += len(gone)
+        # Queued for the committer like any deletion: a concurrent delete() or a second reader of the same block
+        # may drop the row first, and a crash before the commit brings back a row that fails its checksum again.
+        with self._lock:
+            gone = self._queue_deletes_locked([k for k, _ in items], dict(items))
+            self.corrupt_count += len(gone)
         return gone
 
     def read_blocks(self, slots: Sequence[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
