@@ -147,8 +147,10 @@ class DiskConfig:
     second and at flush/close), "none" (the OS decides; flush/close still sync).
     ``writeback_s``: every block registered in a memory tier reaches the disk tier within this many seconds of
     its registration when the disk can take it, parents before children (``flush()``/``close()`` finish what is
-    pending). ``None`` writes blocks down only when a memory tier evicts them (or on ``persist()``): less disk
-    traffic, but what sits in memory at a crash or a plain ``close()`` is lost to the next process.
+    pending). A block is written once it has stayed in memory 40% of that time: blocks evicted sooner reach the
+    disk by demotion (one write either way), so the writeback does not compete with serving for them.
+    ``None`` writes blocks down only when a memory tier evicts them (or on ``persist()``): less disk traffic,
+    but what sits in memory at a crash or a plain ``close()`` is lost to the next process.
     """
 
     path: str | os.PathLike[str]

@@ -376,6 +376,26 @@ class KvBlockManager:
                 break
         return segments
 
+    @staticmethod
+    def _prefix_that_fits(items: list[tuple[int, Any]], room: int) -> int:
+        """How many leading items of a match the top tier can hold given ``room`` free or evictable slots.
+
+        A prefix of k items fits when its lower-tier blocks fit in the room plus the top-tier blocks beyond it
+        (released before we allocate); a top block inside the prefix stays held. Longer prefixes only shrink the
+        slack, so take items while it stays non-negative.
+        """
+        top_beyond = sum(1 for ti, _ in items if ti == 0)
+        keep, lower = 0, 0
+        for ti, _ in items:
+            if ti:
+                lower += 1
+            else:
+                top_beyond -= 1
+            if lower > room + top_beyond:
+                break
+            keep += 1
+        return keep
+
     def _promote(self, segments: list[tuple[int, list[Any]]]) -> list[ImmutableBlock]:
         """Copy lower-tier runs into the top tier, one batch per source tier; truncate to what the top can hold."""
         t0 = time.perf_counter()
@@ -386,21 +406,12 @@ class KvBlockManager:
         try:
             # The longest prefix the top tier can hold: its lower-tier blocks need slots, which may come from
             # free or evictable blocks, including top-tier blocks of this match that lie beyond the prefix.
-            self.scheduler.wait_for_copies(top.tier, 0.2)
-            room = top.available_blocks()
-            # A prefix of k items fits when its lower-tier blocks fit in the room plus the top-tier blocks beyond
-            # it (released before we allocate); a top block inside the prefix stays held. Longer prefixes only
-            # shrink the slack, so take items while it stays non-negative.
-            top_beyond = sum(1 for ti, _ in items if ti == 0)
-            keep, lower = 0, 0
-            for ti, _ in items:
-                if ti:
-                    lower += 1
-                else:
-                    top_beyond -= 1
-                if lower > room + top_beyond:
-                    break
-                keep += 1
+            keep = self._prefix_that_fits(items, top.available_blocks())
+            if keep < len(items):
+                # A copy (cleaning, writeback) may hold top blocks for a moment, so they do not count as room:
+                # wait for it only when the match would otherwise be cut, never when it fits already.
+                self.scheduler.wait_for_copies(top.tier, 0.2)
+                keep = self._prefix_that_fits(items, top.available_blocks())
             for _, b in items[keep:]:
                 b.release()  # beyond the prefix: make them evictable before we allocate (and demote)
             lower = sum(1 for ti, _ in items[:keep] if ti)

@@ -220,8 +220,11 @@ class OffloadScheduler:
         self.writeback_s = writeback_s
         self._wb_lock = threading.Lock()
         self._wb_done = threading.Condition()
-        self._wb_kick = threading.Event()
-        self._wb_pending: list[tuple[int, BlockPool, bytes]] = []
+        self._wb_kick = threading.Event()  # a registration while the writeback sleeps with nothing pending
+        self._wb_nudge = threading.Event()  # stop() or a waiter: run a pass now, whatever the ages
+        self._wb_urgent = 0  # callers of wait_for_writeback(): passes write every block, young ones too
+        # (sequence, first seen by a pass, pool, hash): registrations taken from the pools, not yet written.
+        self._wb_pending: list[tuple[int, float, BlockPool, bytes]] = []
         self._wb_disk = next((p for p in pools if p.storage.persistent), None)
         self._wb_pools = [p for p in pools if not p.storage.persistent and self._wb_disk is not None]
         if writeback_s is not None and self._wb_pools:
@@ -587,21 +590,35 @@ class OffloadScheduler:
         return written
 
     # --------------------------------------------------------------------------------------------- writeback
-    # Like an OS page cache: every block registered in a memory tier is written to the disk tier within
-    # writeback_s of its registration when the disk can take it, in registration order (a parent is registered
-    # before its children, so it is written first or in the same transaction). The memory copy stays: a later
-    # eviction of that block finds it on disk already and costs no write. Demotions go first: a pass waits while
-    # the demotion queue has work.
+    # Like an OS page cache (dirty_expire / dirty_writeback): every block registered in a memory tier is written to
+    # the disk tier within writeback_s of its registration when the disk can take it, in registration order (a
+    # parent is registered before its children, so it is written first or in the same transaction). The memory
+    # copy stays: a later eviction of that block finds it on disk already and costs no write.
+    #
+    # A block is written once it has aged WB_AGE of writeback_s: blocks that churn through the memory tiers
+    # faster than that reach the disk by demotion (the same one write) and the writeback never competes with
+    # serving for them; what it writes is what stays in memory (a hot system prompt). The promise: seen by a pass
+    # within WB_PERIOD, due WB_AGE later, written by the next pass (WB_PERIOD), after demotions for at most
+    # WB_YIELD, which leaves 1 - 0.4 - 0.1 - 0.1 - 0.2 = 0.2 of writeback_s for the write itself.
+    WB_AGE = 0.4
+    WB_PERIOD = 0.1
+    WB_YIELD = 0.2
+
     def _writeback_loop(self) -> None:
         assert self.writeback_s is not None
-        period = max(0.01, self.writeback_s / 2)
+        period = max(0.01, self.writeback_s * self.WB_PERIOD)
         while not self._stop:
-            self._wb_kick.wait(period)  # registrations kick it; a pass writes what has waited at least a while
+            if self.writeback_pending():
+                self._wb_nudge.wait(period)  # something is ageing: look again in a period
+            else:
+                self._wb_kick.wait()  # idle: asleep until a registration, a waiter or stop()
+            self._wb_kick.clear()
+            self._wb_nudge.clear()
             if self._stop:
                 return
-            self._wb_kick.clear()
             try:
-                self.writeback_now(yield_to_demotions=True)
+                age = 0.0 if self._wb_urgent else self.writeback_s * self.WB_AGE
+                self.writeback_now(age, yield_to_demotions=True)
             except TieredKvError as exc:
                 if not self._stop:
                     log.warning("writeback failed: %s", exc)
@@ -612,7 +629,8 @@ class OffloadScheduler:
         """Write every logged registration of the memory tiers that the disk tier lacks; returns blocks written.
 
         ``flush()`` and ``close()`` call it so that a graceful restart is as warm as the disk allows.
-        ``yield_to_demotions``: the background pass lets queued demotions go first, for at most half of
+        ``min_age_s``: write only registrations a pass first saw at least that long ago (the rest wait).
+        ``yield_to_demotions``: the background pass lets queued demotions go first, for at most ``WB_YIELD`` of
         ``writeback_s`` in all (a pass under steady load must still end, and keep the ``writeback_s`` promise).
         """
         disk = self._wb_disk
@@ -620,14 +638,26 @@ class OffloadScheduler:
             return 0
         written = 0
         with self._wb_lock:  # not a busy() section: drain() waits for demotions, flush() runs this itself
+            now = time.monotonic()
             for p in self._wb_pools:
-                self._wb_pending.extend((seq, p, h) for seq, h in p.take_registrations())
+                self._wb_pending.extend((seq, now, p, h) for seq, h in p.take_registrations())
             self._wb_pending.sort(key=lambda e: e[0])
-            pending, self._wb_pending = self._wb_pending, []
+            if min_age_s > 0:
+                # In sequence order the first-seen times only grow (retries keep theirs, and sort first): the due
+                # entries are a leading run.
+                cut = now - min_age_s
+                k = 0
+                while k < len(self._wb_pending) and self._wb_pending[k][1] <= cut:
+                    k += 1
+                pending, self._wb_pending = self._wb_pending[:k], self._wb_pending[k:]
+            else:
+                pending, self._wb_pending = self._wb_pending, []
+            later = self._wb_pending
+            self._wb_pending = []
             inflight = self.inflight.get(disk.tier)
             i = 0
             # Demotions first, unless waiting longer would break the writeback_s promise: one budget per pass.
-            due = time.monotonic() + (self.writeback_s or 0.0) / 2
+            due = time.monotonic() + (self.writeback_s or 0.0) * self.WB_YIELD
             while i < len(pending) and not self._stop:
                 while yield_to_demotions and self.queue.depth and not self._stop:
                     left = due - time.monotonic()
@@ -636,9 +666,9 @@ class OffloadScheduler:
                 chunk = pending[i : i + batch]
                 i += batch
                 by_pool: dict[str, tuple[BlockPool, list[bytes]]] = {}
-                for seq, p, h in chunk:
+                for seq, seen, p, h in chunk:
                     if inflight is not None and h in inflight:
-                        self._wb_pending.append((seq, p, h))  # a demotion is writing it: look again later
+                        self._wb_pending.append((seq, seen, p, h))  # a demotion is writing it: look again later
                     elif h in p and h not in disk:
                         by_pool.setdefault(p.tier, (p, []))[1].append(h)
                 for p, hs in by_pool.values():
@@ -651,9 +681,10 @@ class OffloadScheduler:
                     written += n
                     if n < len(hs):  # the disk could not take more now: retry later
                         missing = [h for h in hs if h not in disk]
-                        self._wb_pending.extend((0, p, h) for h in missing)
+                        self._wb_pending.extend((0, 0.0, p, h) for h in missing)
             if i < len(pending):
                 self._wb_pending.extend(pending[i:])
+            self._wb_pending.extend(later)
         self.reap()
         if written:
             self.counters.add(written_back=written)
@@ -684,8 +715,13 @@ class OffloadScheduler:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
+                self._wb_urgent += 1  # the passes write young blocks too while someone waits
                 self._wb_kick.set()
-                self._wb_done.wait(left)
+                self._wb_nudge.set()
+                try:
+                    self._wb_done.wait(left)
+                finally:
+                    self._wb_urgent -= 1
 
     # ---------------------------------------------------------------------------------------------- cleaning
     def _cleaner(self, upper: BlockPool, lower: BlockPool, kick: threading.Event) -> None:
@@ -903,6 +939,7 @@ class OffloadScheduler:
         with self._lock:
             self._stop = True  # cleaners and the writeback stop
         self._wb_kick.set()
+        self._wb_nudge.set()
         for kick in self._kicks:
             kick.set()
         for t in self._threads:  # the cleaners first: they may still queue nothing, but they copy

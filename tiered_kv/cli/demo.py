@@ -396,6 +396,7 @@ class DemoOptions:
     device_blocks: int = 0
     host_blocks: int = 0
     disk_blocks: int = 0
+    writeback_s: float | None = 5.0
     tiny: DemoModelSpec = field(default_factory=DemoModelSpec)
     workload: DemoWorkloadSpec = field(default_factory=DemoWorkloadSpec)
 
@@ -493,7 +494,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         model=geometry,
         device=LayoutConfig(num_blocks=device_blocks),
         host=LayoutConfig(num_blocks=host_blocks),
-        disk=DiskConfig(path=options.tier_path, num_blocks=disk_blocks),
+        disk=DiskConfig(path=options.tier_path, num_blocks=disk_blocks, writeback_s=options.writeback_s),
         namespace=chat.namespace,
         device_type="cpu",
     )
@@ -751,6 +752,7 @@ def _summarize(
         "model": {"name": chat.name, "namespace": chat.namespace, "dtype": chat.dtype},
         "workload": asdict(options.workload),
         "page_size": options.page_size,
+        "writeback_s": options.writeback_s,
         "repeats": options.repeats,
         "threads": torch.get_num_threads(),
         "turns": rows,
@@ -881,6 +883,9 @@ def _pick(value: Any, default: Any) -> Any:
 @click.option("--host-blocks", type=click.IntRange(min=0), default=0, help="0: twice the device tier.")
 @click.option("--disk-blocks", type=click.IntRange(min=0), default=0, help="0: twice the working set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Questions' order; the tiny model's weights.")
+@click.option("--writeback-s", "writeback", default="5", show_default=True,
+              help='DiskConfig.writeback_s: seconds within which registered blocks reach the disk, or "none" '
+                   "(write blocks down only when a memory tier evicts them).")
 def demo(
     model_name: str | None,
     path: Path,
@@ -900,6 +905,7 @@ def demo(
     host_blocks: int,
     disk_blocks: int,
     seed: int,
+    writeback: str,
 ) -> None:
     """Multi-turn chats with a real model through tiered_kv vs recompute: identical replies, TTFT per turn.
 
@@ -925,10 +931,17 @@ def demo(
     )
     if not workload.documents:
         raise click.BadParameter("give at least one module", param_hint="--documents")
+    try:
+        writeback_s = None if writeback.lower() == "none" else float(writeback)
+    except ValueError as exc:
+        raise click.BadParameter(f'seconds or "none", got {writeback!r}', param_hint="--writeback-s") from exc
+    if writeback_s is not None and not writeback_s > 0:
+        raise click.BadParameter(f"must be a positive number of seconds, got {writeback!r}", param_hint="--writeback-s")
     options = DemoOptions(
         path=path, model=name, fresh=fresh, plot=plot, json_path=json_path, recompute=recompute,
         repeats=repeats, page_size=_pick(page_size, preset_page), device_blocks=device_blocks,
-        host_blocks=host_blocks, disk_blocks=disk_blocks, tiny=DemoModelSpec(seed=seed), workload=workload,
+        host_blocks=host_blocks, disk_blocks=disk_blocks, writeback_s=writeback_s, tiny=DemoModelSpec(seed=seed),
+        workload=workload,
     )
     summary = run_demo(options)
     totals = summary["totals"]
