@@ -299,11 +299,10 @@ class OffloadScheduler:
             toks, _ = pool.lineage_at([s for _, s in todo])  # stored with the value: remote hits check them
             failed = set(bad)
             good = [i for i in range(len(todo)) if i not in failed]
-            if good:
-                idx = torch.tensor(good)
-                remote.enqueue(
-                    [todo[i][0] for i in good], data.index_select(0, idx.to(data.device)), [toks[i] for i in good]
-                )
+            if failed and good:
+                data = data.index_select(0, torch.tensor(good, device=data.device))
+            if good:  # the gather made a fresh copy: the remote queue keeps it, no second snapshot
+                remote.enqueue([todo[i][0] for i in good], data, [toks[i] for i in good], owned=True)
 
         if mode == "write_back":
             bottom = self.pools[-1]

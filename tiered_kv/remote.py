@@ -58,10 +58,19 @@ class RemoteTier(SnapshotSource):
 
     # -------------------------------------------------------------------------------------------- writes
     def enqueue(
-        self, hashes: Sequence[bytes], data: torch.Tensor, tokens: Sequence[bytes | None] | None = None
+        self,
+        hashes: Sequence[bytes],
+        data: torch.Tensor,
+        tokens: Sequence[bytes | None] | None = None,
+        *,
+        owned: bool = False,
     ) -> None:
         """Queue blocks for a background write (a snapshot: the caller may reuse its memory), with their token
-        ids when known (stored with each value, so that a later match with ``tokens=`` can check them)."""
+        ids when known (stored with each value, so that a later match with ``tokens=`` can check them).
+
+        ``owned``: ``data`` is already a private copy that the caller hands over (e.g. a fresh ``gather``); when
+        every block is queued it is kept as it is (moved to the CPU if it is not there), with no second copy.
+        """
         keep = [i for i, h in enumerate(hashes) if h not in self._known]
         if not keep:
             return
@@ -70,7 +79,10 @@ class RemoteTier(SnapshotSource):
         if not take:
             return
         try:
-            snap = data.index_select(0, torch.tensor(take, device=data.device)).to("cpu")
+            if owned and len(take) == len(hashes):
+                snap = data.to("cpu")  # no copy for CPU data
+            else:
+                snap = data.index_select(0, torch.tensor(take, device=data.device)).to("cpu")
         except BaseException:
             self.queue.unreserve(len(take))
             raise
