@@ -654,6 +654,8 @@ class OffloadScheduler:
             later = self._wb_pending
             self._wb_pending = []
             inflight = self.inflight.get(disk.tier)
+            lowest_first = self._wb_pools[::-1]
+            chosen: set[bytes] = set()
             i = 0
             # Demotions first, unless waiting longer would break the writeback_s promise: one budget per pass.
             due = time.monotonic() + (self.writeback_s or 0.0) * self.WB_YIELD
@@ -668,8 +670,13 @@ class OffloadScheduler:
                 for seq, seen, p, h in chunk:
                     if inflight is not None and h in inflight:
                         self._wb_pending.append((seq, seen, p, h))  # a demotion is writing it: look again later
-                    elif h in p and h not in disk:
-                        by_pool.setdefault(p.tier, (p, []))[1].append(h)
+                    elif h not in disk and h not in chosen:
+                        # From the lowest memory tier that holds it: the copy holds the source blocks for the
+                        # whole disk write, and a held top-tier block is room a serving allocation cannot take.
+                        src = next((q for q in lowest_first if h in q), None)
+                        if src is not None:
+                            chosen.add(h)
+                            by_pool.setdefault(src.tier, (src, []))[1].append(h)
                 for p, hs in by_pool.values():
                     try:
                         n = self.copy_down(p, disk, hs)
