@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import prefix_scenarios as sc
@@ -12,7 +13,7 @@ import pytest
 import torch
 from kvdata import SMALL, content_for, fill
 
-from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig
+from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig, OffloadConfig
 from tiered_kv.storage.disk import DiskStore
 
 HERE = Path(__file__).resolve().parent
@@ -129,6 +130,30 @@ def test_writeback_reaches_disk_without_persist_and_close_keeps_it(tmp_path: Pat
         assert [b.sequence_hash for b in got] == hs
         assert all(torch.equal(b.layer_view(1, 1), content_for(b.sequence_hash)[1, 1]) for b in got)
         bm.top.release_blocks(got)
+
+
+def test_writeback_waits_for_blocks_to_age_and_writes_from_the_lowest_memory_tier(tmp_path: Path) -> None:
+    cfg = replace(_small(tmp_path, writeback_s=60.0), offload=OffloadConfig(background_cleaning=False))
+    with KvBlockManager(cfg) as bm:
+        hs = bm.sequence_hashes(list(range(4 * 8)))  # the device tier full: the cleaner has work
+        _register(bm, hs)
+        sched = bm.scheduler
+        # Young blocks wait: a pass that writes only what it has seen for an hour writes nothing, keeps them all.
+        assert sched.writeback_now(min_age_s=3600.0) == 0
+        assert sched.writeback_pending() == 8
+        # The cleaner copies the device tier's next victims into the host tier; they stay in the device tier too.
+        cleaned = bm.run_cleaner_once("device")
+        host, device = bm.host(), bm.device()
+        assert host is not None and device is not None
+        in_host = [h for h in hs if h in host]
+        assert cleaned == len(in_host) > 0 and all(h in device for h in hs)
+        assert sched.writeback_now() == 8
+        pairs = bm.metrics()["offload"]["per_pair"]
+        # Each block is written once, from the host copy where there is one (a held device block is room lost).
+        assert pairs.get("host->disk", 0) == len(in_host)
+        assert pairs.get("device->disk", 0) == 8 - len(in_host)
+        assert sched.writeback_pending() == 0
+    assert _on_disk(tmp_path / "kv", cfg) == set(hs)
 
 
 def test_close_finishes_the_writeback(tmp_path: Path) -> None:
