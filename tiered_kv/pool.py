@@ -1031,12 +1031,20 @@ class BlockPool:
             if corrupt:
                 self.metrics.corrupt += len(dropped)
             if dropped:
-                if self._on_removed is not None:
-                    self._on_removed([h for h, _ in dropped])
-                self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
-                if self.events is not None and self.events.active:
-                    self.events.publish("removed", self.tier, [h for h, _ in dropped])
+                self._removed_locked(dropped)
             return len(dropped)
+
+    def _removed_locked(self, dropped: list[tuple[bytes, int]], *, discard: bool = True) -> None:
+        """Report ``(hash, slot)`` pairs that left the index: the reaper drops what they leave unreachable, the
+        storage forgets them (``discard``), subscribers get a "removed" event. Lock held: a snapshot taken under the
+        lock (``cached_hashes``) never lacks a hash whose event is not queued yet (what a ledger relies on)."""
+        hashes = [h for h, _ in dropped]
+        if self._on_removed is not None:
+            self._on_removed(hashes)
+        if discard:
+            self.storage.discard([s for _, s in dropped], hashes)
+        if self.events is not None and self.events.active:
+            self.events.publish("removed", self.tier, hashes)
 
     def held_blocks(self) -> int:
         """Blocks that are mutable, referenced or pinned (what :meth:`reset` refuses to drop)."""
@@ -1065,11 +1073,7 @@ class BlockPool:
                 self._slot_hash[slot] = None
             self._free = list(range(self._n - 1, -1, -1))
             if dropped:
-                if self._on_removed is not None:
-                    self._on_removed([h for h, _ in dropped])
-                self.storage.discard([s for _, s in dropped], [h for h, _ in dropped])
-                if self.events is not None and self.events.active:
-                    self.events.publish("removed", self.tier, [h for h, _ in dropped])
+                self._removed_locked(dropped)
 
     def compact(self) -> int:
         """Move stored blocks into the lowest slots so the storage can shrink (the disk tier); returns the moves.
@@ -1111,11 +1115,8 @@ class BlockPool:
                     state[slot] = _FREE
                     self._slot_hash[slot] = None
                 self.metrics.corrupt += len(lost)
-                if lost:  # reported like any removal: the reaper drops their descendants, subscribers hear of it
-                    if self._on_removed is not None:
-                        self._on_removed(lost)
-                    if self.events is not None and self.events.active:
-                        self.events.publish("removed", self.tier, lost)
+                if lost:  # reported like any removal (the storage dropped their rows already)
+                    self._removed_locked([(h, -1) for h in lost], discard=False)
             used = {i for i in range(self._n) if state[i] != _FREE}
             self._free = [i for i in range(self._n - 1, -1, -1) if i not in used]
             return len(moves)
