@@ -91,6 +91,32 @@ def test_queued_demotions_stay_matchable(tmp_path: Path) -> None:
         assert bm.metrics()["offload"]["queue_depth"] == 0 and queued[0] in disk_pool
 
 
+def test_sync_disk_makes_the_disk_durable_without_waiting_for_the_movers(tmp_path: Path) -> None:
+    gate = GatedBackend(PosixBackend(), closed=True)
+    with three_tier(tmp_path, device=2, host=2, disk=64, offload=EVICTION_ONLY, backend=gate) as bm:
+        disk_pool = bm.disk()
+        assert disk_pool is not None
+        gate.open_gate()
+        first = bm.sequence_hashes(list(range(4 * 6)))
+        store(bm, first)
+        bm.flush()
+        on_disk = set(disk_pool.cached_hashes())
+        assert on_disk
+        gate.close_gate()
+        store(bm, bm.sequence_hashes(list(range(500, 500 + 4 * 6))))
+        assert gate.wait_blocked(1)  # a demotion is held at the gate
+        bm.sync_disk()  # returns with the writer still blocked: it waits for no mover (flush() would)
+        assert gate.wait_blocked(1) and bm.metrics()["offload"]["queue_depth"] > 0
+        assert on_disk <= set(disk_pool.cached_hashes())
+        gate.open_gate()
+
+
+def test_sync_disk_without_a_disk_tier_is_a_no_op() -> None:
+    cfg = KvBlockManagerConfig(model=SMALL, device=LayoutConfig(num_blocks=4), device_type="cpu")
+    with KvBlockManager(cfg) as bm:
+        bm.sync_disk()
+
+
 def test_bounded_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
     gate = GatedBackend(PosixBackend(), closed=True)
     offload = OffloadConfig(low_watermark=0.0, background_cleaning=False, max_queued_blocks=2, writers=1)

@@ -738,6 +738,18 @@ class KvBlockManager:
         if self._remote is not None:
             self._remote.drain()
 
+    def sync_disk(self) -> None:
+        """Make every block the disk tier holds now durable (commit its registry, sync its files).
+
+        Cheaper than :meth:`flush`: it neither waits for queued demotions nor writes the memory tiers back, so
+        a caller can checkpoint often ("what is on disk now survives a crash") without stalling the movers.
+        No-op without a disk tier.
+        """
+        self._check_open()
+        disk = self._pools.get("disk")
+        if disk is not None:
+            disk.storage.flush()  # type: ignore[attr-defined]
+
     def persist(self) -> int:
         """Copy every block of the memory tiers that the disk tier lacks down to disk, then flush.
 

@@ -1,9 +1,10 @@
 """What "lost" means, and how it is checked.
 
-A block is *durable* once its registration in the disk tier has been made durable by ``flush()``. At a
-checkpoint the ledger takes the set of hashes in the disk tier, THEN calls ``flush()``: everything in the set was
-committed before the flush began, so the flush made it durable. (Taking the set after the flush would claim
-blocks committed during it, which ``batch`` durability has not synced yet.)
+A block is *durable* once its registration in the disk tier has been made durable by ``sync_disk()``. At a
+checkpoint the ledger takes the set of hashes in the disk tier, THEN calls ``sync_disk()`` (not ``flush()``: a
+checkpoint must not drain the movers' queues or force the writeback, or it would dominate the run it checks):
+everything in the set was committed before the sync began, so the sync made it durable. (Taking the set after
+the sync would claim blocks committed during it, which ``batch`` durability has not synced yet.)
 
 A durable block stays required until the disk tier reports it removed (a ``"removed"`` KvEvent on tier
 ``"disk"``: an eviction, or a block dropped because it failed its checksum). A required block that the disk tier
@@ -13,7 +14,7 @@ expected when faults are injected).
 
 Removal events arrive on the event dispatcher thread, a little after the removal. The ledger numbers each one
 as it arrives; a checkpoint only claims hashes with no removal numbered after the checkpoint started, so a block
-evicted while the flush ran is never claimed. A live check takes the disk tier's hashes under its lock
+evicted while the sync ran is never claimed. A live check takes the disk tier's hashes under its lock
 (a removal publishes its event under that lock), then delivers the queued events itself before it calls a block
 lost: no grace period, no clock.
 """
@@ -59,13 +60,13 @@ class DiskLedger:
             self._on_removed(list(ev.sequence_hashes))
 
     def checkpoint(self) -> list[bytes]:
-        """Flush, and return the hashes newly known durable (also added to :attr:`required`)."""
+        """Sync the disk tier, and return the hashes newly known durable (also added to :attr:`required`)."""
         disk = self.bm.disk()
         assert disk is not None
         with self._lock:
             mark = self._seq
         snapshot = disk.cached_hashes()
-        self.bm.flush()
+        self.bm.sync_disk()
         with self._lock:
             new = [h for h in snapshot if self._removed_at.get(h, -1) <= mark and h not in self.required]
             self.required.update(new)
