@@ -8,6 +8,7 @@ Runs the individual benchmarks (each also runnable on its own, with --json):
   tools/bench_disk.py      disk tier write/read vs fio (O_DIRECT psync and libaio iodepth 16) in the same directory
   tools/bench_paths.py     the public paths (disk pool write, a fresh manager's match, allocate under a storm,
                            swaps, bookkeeping) beside the store alone, fio and a plain tensor copy
+  tools/bench_writeback.py what the background writeback costs: the storm (and the demo) with it on and off
   tools/bench_ttft.py      TTFT with the prefix restored from disk after a restart vs a full prefill
   tools/bench_offload.py   promotion latency, churn, and (CUDA only) host<->device vs a plain pinned copy
 """
@@ -94,6 +95,11 @@ def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
                         sw[f"{k}_GBps"] / sw["plain_copy_GBps"]))
         out.append(("bookkeeping through the manager's pool (allocate 16 + register + release + match + release)",
                     f"{pp['bookkeeping_blocks_per_s']:,.0f} blocks/s", "", None))
+    wb = run("bench_writeback.py", *(["--pairs", "1", "--rounds", "200"] if quick else []))
+    if wb:
+        off, on = wb["storm"]["off"]["p99_ms"]["median"], wb["storm"]["on"]["p99_ms"]["median"]
+        out.append(("allocate_blocks(4) p99 under the 2 MiB storm with writeback_s=5 (off/on pairs)",
+                    f"{on:.2f} ms", f"writeback off {off:.2f} ms", off / on))
     tr = run("bench_trace.py", *(["--limit", "1000", "--repeat", "1"] if quick else []))
     if tr:
         for trace, r in tr.items():
