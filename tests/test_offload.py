@@ -295,3 +295,26 @@ def test_cleaner_does_not_churn_when_host_is_smaller_than_device(tmp_path: Path)
         # the device's next victims to copy other victims down, and cleaning chased its tail).
         assert [bm.run_cleaner_once() for _ in range(3)] == [0, 0, 0]
         assert bm.metrics()["offload"]["demotions"] == before
+
+
+def test_a_block_written_by_a_nested_ancestor_write_is_not_written_again(tmp_path: Path) -> None:
+    # Chain h -> p -> x: h and x in the device tier, p in the host tier only. persist() copies [h, x] from the
+    # device; x's parent p goes first (from the host), and writing p writes its own parent h first: h is then on
+    # disk before the outer batch is copied, and must not be written a second time.
+    with three_tier(tmp_path, device=4, host=4, offload=EVICTION_ONLY) as bm:
+        h, p, x = bm.sequence_hashes(list(range(4 * 3)))
+        device, host, disk = bm.device(), bm.host(), bm.disk()
+        assert device is not None and host is not None and disk is not None
+        for pool, hs in ((device, [h]), (host, [p]), (device, [x])):
+            blocks = pool.allocate_blocks(len(hs))
+            for b, sh in zip(blocks, hs):
+                fill(b, sh)
+            pool.release_blocks(pool.register_blocks(blocks, hs))
+        assert p not in device and h not in host
+        bm.persist()  # (its return counts only the outer batch's blocks, not the ancestors it wrote first)
+        pairs = bm.metrics()["offload"]["per_pair"]
+        assert pairs.get("device->disk", 0) == 2 and pairs.get("host->disk", 0) == 1  # each block written once
+        assert all(sh in disk for sh in (h, p, x))
+        got = bm.match_sequence_hashes([h, p, x])
+        assert [b.sequence_hash for b in got] == [h, p, x]
+        bm.top.release_blocks(got)

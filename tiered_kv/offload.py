@@ -825,6 +825,13 @@ class OffloadScheduler:
                 parents = upper.parents_of(held)
                 # Ancestors that only memory tiers hold go first, so that the batch's chains reach the disk.
                 self._write_ancestors(lower, parents, {b.sequence_hash for b in held})
+                # A nested ancestor write may have written blocks of this batch already (the ancestor of an
+                # ancestor can lie in the batch): they are on disk now, and are not written twice.
+                done = {i for i, b in enumerate(held) if b.sequence_hash in lower}
+                if done:
+                    upper.release_blocks([b for i, b in enumerate(held) if i in done], as_victims=True)
+                    held = [b for i, b in enumerate(held) if i not in done]
+                    parents = [p for i, p in enumerate(parents) if i not in done]
                 # Only blocks whose chain reaches the disk go there (prefix-closed); the rest waits in ``upper``.
                 refused = lower.refused([b.sequence_hash for b in held], parents)
                 if refused:
