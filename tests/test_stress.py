@@ -53,8 +53,8 @@ def test_stress_smoke_in_process(tmp_path: Path) -> None:
 
 def test_stress_smoke_faults(tmp_path: Path) -> None:
     rc, rep, err = _run("stress", "--path", str(tmp_path), "--duration", "2.5", "--faults", "0.05")
-    # The verdict's counters in full (a dict in the message would be cut short): this test failed once in 11
-    # suite runs with ok False, cause not yet known.
+    # The verdict's counters in full (a dict in the message would be cut short): it once failed with ok False
+    # because a reader thread died (a disk store race, since fixed); a died thread's example says where.
     verdict = {k: rep.get(k) for k in ("ok", "wrong", "lost", "client_failures", "not_prefix_closed", "unreachable",
                                        "faults_injected", "faults_detected", "examples")}
     assert rc == 0, f"{verdict} {err[-2000:]}"

@@ -732,9 +732,7 @@ class KvBlockManager:
         self.scheduler.writeback_now()  # registrations not yet written back (DiskConfig.writeback_s)
         self.scheduler.drain()
         self.scheduler.reap()  # descendants of blocks that left every tier
-        disk = self._pools.get("disk")
-        if disk is not None:
-            disk.storage.flush()  # type: ignore[attr-defined]
+        self.sync_disk()
         if self._remote is not None:
             self._remote.drain()
 

@@ -641,18 +641,16 @@ class OffloadScheduler:
             for p in self._wb_pools:
                 self._wb_pending.extend((seq, now, p, h) for seq, h in p.take_registrations())
             self._wb_pending.sort(key=lambda e: e[0])
+            # In sequence order the first-seen times only grow (retries keep theirs, and sort first): the due
+            # entries are a leading run; the rest wait for a later pass.
+            cut = now - min_age_s
+            k = 0
             if min_age_s > 0:
-                # In sequence order the first-seen times only grow (retries keep theirs, and sort first): the due
-                # entries are a leading run.
-                cut = now - min_age_s
-                k = 0
                 while k < len(self._wb_pending) and self._wb_pending[k][1] <= cut:
                     k += 1
-                pending, self._wb_pending = self._wb_pending[:k], self._wb_pending[k:]
             else:
-                pending, self._wb_pending = self._wb_pending, []
-            later = self._wb_pending
-            self._wb_pending = []
+                k = len(self._wb_pending)
+            pending, later, self._wb_pending = self._wb_pending[:k], self._wb_pending[k:], []
             inflight = self.inflight.get(disk.tier)
             lowest_first = self._wb_pools[::-1]
             chosen: set[bytes] = set()

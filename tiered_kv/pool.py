@@ -1031,18 +1031,18 @@ class BlockPool:
             if corrupt:
                 self.metrics.corrupt += len(dropped)
             if dropped:
-                self._removed_locked(dropped)
+                self._removed_locked([h for h, _ in dropped], [s for _, s in dropped])
             return len(dropped)
 
-    def _removed_locked(self, dropped: list[tuple[bytes, int]], *, discard: bool = True) -> None:
-        """Report ``(hash, slot)`` pairs that left the index: the reaper drops what they leave unreachable, the
-        storage forgets them (``discard``), subscribers get a "removed" event. Lock held: a snapshot taken under the
-        lock (``cached_hashes``) never lacks a hash whose event is not queued yet (what a ledger relies on)."""
-        hashes = [h for h, _ in dropped]
+    def _removed_locked(self, hashes: list[bytes], slots: list[int] | None) -> None:
+        """Report blocks that left the index: the reaper drops what they leave unreachable, the storage forgets
+        their ``slots`` (None: it dropped them itself), subscribers get a "removed" event. Lock held: a snapshot
+        taken under the lock (``cached_hashes``) never lacks a hash whose event is not queued yet (what a ledger
+        relies on)."""
         if self._on_removed is not None:
             self._on_removed(hashes)
-        if discard:
-            self.storage.discard([s for _, s in dropped], hashes)
+        if slots is not None:
+            self.storage.discard(slots, hashes)
         if self.events is not None and self.events.active:
             self.events.publish("removed", self.tier, hashes)
 
@@ -1073,7 +1073,7 @@ class BlockPool:
                 self._slot_hash[slot] = None
             self._free = list(range(self._n - 1, -1, -1))
             if dropped:
-                self._removed_locked(dropped)
+                self._removed_locked([h for h, _ in dropped], [s for _, s in dropped])
 
     def compact(self) -> int:
         """Move stored blocks into the lowest slots so the storage can shrink (the disk tier); returns the moves.
@@ -1116,7 +1116,7 @@ class BlockPool:
                     self._slot_hash[slot] = None
                 self.metrics.corrupt += len(lost)
                 if lost:  # reported like any removal (the storage dropped their rows already)
-                    self._removed_locked([(h, -1) for h in lost], discard=False)
+                    self._removed_locked(lost, None)
             used = {i for i in range(self._n) if state[i] != _FREE}
             self._free = [i for i in range(self._n - 1, -1, -1) if i not in used]
             return len(moves)

@@ -37,6 +37,7 @@ __all__ = [
     "fail",
     "handle_errors",
     "json_option",
+    "writeback_option",
     "emit_json",
     "stdout_console",
     "stderr_console",
@@ -114,6 +115,34 @@ def json_option(func: Callable[P, R]) -> Callable[P, R]:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")(
         func
     )
+
+
+class _WritebackSeconds(click.ParamType):
+    """``DiskConfig.writeback_s`` on a command line: positive seconds, or "none"."""
+
+    name = "SECONDS|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() == "none":
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f'seconds or "none", got {value!r}', param, ctx)
+        if not seconds > 0:
+            self.fail(f"must be a positive number of seconds, got {value!r}", param, ctx)
+        return seconds
+
+
+def writeback_option(func: Callable[P, R]) -> Callable[P, R]:
+    """The ``--writeback-s`` option of the commands that open a disk tier (passed as ``writeback_s``)."""
+    return click.option(
+        "--writeback-s", "writeback_s", type=_WritebackSeconds(), default="5", show_default=True,
+        help='DiskConfig.writeback_s: seconds within which registered blocks reach the disk, or "none" '
+             "(write blocks down only when a memory tier evicts them).",
+    )(func)
 
 
 def emit_json(doc: Any) -> None:

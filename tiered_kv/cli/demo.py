@@ -50,6 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import main
+from ._common import writeback_option
 
 __all__ = [
     "ChatModel",
@@ -883,9 +884,7 @@ def _pick(value: Any, default: Any) -> Any:
 @click.option("--host-blocks", type=click.IntRange(min=0), default=0, help="0: twice the device tier.")
 @click.option("--disk-blocks", type=click.IntRange(min=0), default=0, help="0: twice the working set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Questions' order; the tiny model's weights.")
-@click.option("--writeback-s", "writeback", default="5", show_default=True,
-              help='DiskConfig.writeback_s: seconds within which registered blocks reach the disk, or "none" '
-                   "(write blocks down only when a memory tier evicts them).")
+@writeback_option
 def demo(
     model_name: str | None,
     path: Path,
@@ -905,7 +904,7 @@ def demo(
     host_blocks: int,
     disk_blocks: int,
     seed: int,
-    writeback: str,
+    writeback_s: float | None,
 ) -> None:
     """Multi-turn chats with a real model through tiered_kv vs recompute: identical replies, TTFT per turn.
 
@@ -931,12 +930,6 @@ def demo(
     )
     if not workload.documents:
         raise click.BadParameter("give at least one module", param_hint="--documents")
-    try:
-        writeback_s = None if writeback.lower() == "none" else float(writeback)
-    except ValueError as exc:
-        raise click.BadParameter(f'seconds or "none", got {writeback!r}', param_hint="--writeback-s") from exc
-    if writeback_s is not None and not writeback_s > 0:
-        raise click.BadParameter(f"must be a positive number of seconds, got {writeback!r}", param_hint="--writeback-s")
     options = DemoOptions(
         path=path, model=name, fresh=fresh, plot=plot, json_path=json_path, recompute=recompute,
         repeats=repeats, page_size=_pick(page_size, preset_page), device_blocks=device_blocks,

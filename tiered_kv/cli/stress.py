@@ -19,7 +19,15 @@ from ..stress.options import PLANTED_BUGS, StressOptions
 from ..stress.report import ProgressLine, build_report, render_table
 from ..stress.workload import WorkloadShape
 from . import main
-from ._common import EXIT_FAILED, CliError, fmt_bytes, handle_errors, stderr_console, stdout_console
+from ._common import (
+    EXIT_FAILED,
+    CliError,
+    fmt_bytes,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+    writeback_option,
+)
 
 __all__ = ["stress", "replay"]
 
@@ -122,9 +130,7 @@ def stress(
 @click.option("--dtype", default="float16", show_default=True)
 @click.option("--eviction", default="arc", show_default=True)
 @click.option("--limit", type=int, default=None, help="Replay only the first N requests.")
-@click.option("--writeback-s", "writeback", default="5", show_default=True,
-              help='DiskConfig.writeback_s: seconds within which registered blocks reach the disk, or "none" '
-                   "(write blocks down only when a memory tier evicts them).")
+@writeback_option
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the bytes of every returned block.")
 @click.option("--generate", "generate", type=click.Path(dir_okay=False), default=None,
               help="Write a synthetic trace to this file and exit.")
@@ -135,8 +141,8 @@ def stress(
 @handle_errors
 def replay(
     trace: str | None, path: str | None, device_blocks: int, host_blocks: int, disk_blocks: int, page_size: int,
-    num_layers: int, inner_dim: int, dtype: str, eviction: str, limit: int | None, writeback: str, verify: bool,
-    generate: str | None, requests: int, seed: int, as_json: bool, verbose: bool,
+    num_layers: int, inner_dim: int, dtype: str, eviction: str, limit: int | None, writeback_s: float | None,
+    verify: bool, generate: str | None, requests: int, seed: int, as_json: bool, verbose: bool,
 ) -> None:
     """Replay a Mooncake-format JSONL trace through the store: hit rates per tier and bytes moved."""
     from ..stress.replay import ReplayOptions, replay_trace
@@ -154,10 +160,6 @@ def replay(
         raise CliError("missing TRACE (or --generate OUT)")
     if not os.path.isfile(trace):
         raise CliError(f"no trace file {trace}")
-    try:
-        writeback_s = None if writeback.lower() == "none" else float(writeback)
-    except ValueError as exc:
-        raise CliError(f'--writeback-s must be seconds or "none", got {writeback!r}') from exc
     opts = ReplayOptions(
         path=path, device_blocks=device_blocks, host_blocks=host_blocks, disk_blocks=disk_blocks,
         page_size=page_size, num_layers=num_layers, inner_dim=inner_dim, dtype=dtype, eviction=eviction,
