@@ -66,7 +66,7 @@ class _Block:
     def release(self) -> None:
         """Give this handle's hold back to the pool; idempotent."""
         if not self._released:
-            self._pool.release_blocks([self])
+            self._pool._release_one(self)
 
     def __del__(self) -> None:
         if not self._released:

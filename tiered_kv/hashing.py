@@ -41,7 +41,7 @@ import operator
 import struct
 import sys
 from array import array
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from itertools import chain
@@ -143,13 +143,36 @@ class _Lineage:
         self._parents: dict[bytes, bytes | None] | None = None
 
     def parent_of(self, h: bytes) -> bytes | None:
+        return self.table()[h]
+
+    def table(self) -> dict[bytes, bytes | None]:
+        """Each hash of the run -> its parent."""
         parents = self._parents
         if parents is None:
             # One C-level pass on the first look-up; most chains never have a parent read. Two threads racing
             # here build equal maps, and the assignment is atomic.
             d = self._digests
             parents = self._parents = dict(zip(d, chain((self._first,), d)))
-        return parents[h]
+        return parents
+
+
+def parents_of(hashes: Iterable[bytes]) -> list[bytes | None]:
+    """``[getattr(h, "parent", None) for h in hashes]``, a lineage look-up per run instead of a property call per
+    hash (what a pool does for every registration without ``parents=``)."""
+    out: list[bytes | None] = []
+    add = out.append
+    last: _Lineage | None = None
+    table: dict[bytes, bytes | None] = {}
+    for h in hashes:
+        lineage = getattr(h, "_lineage", None)
+        if lineage is None:
+            add(getattr(h, "parent", None))  # plain bytes: None; another type may carry one
+            continue
+        if lineage is not last:
+            last = lineage
+            table = lineage.table()
+        add(table[h])
+    return out
 
 
 def _sequence_hash(value: bytes, parent: bytes | None) -> SequenceHash:

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 __all__ = ["EvictionEvent", "LatencyHistogram", "PoolMetrics", "RecentLatencies", "percentile"]
 
@@ -98,13 +99,14 @@ class PoolMetrics:
         now = time.time()
         mono = time.monotonic()
         pop, created = self.stored_at.pop, self._created
-        res = [mono - pop(slot, created) for _, slot in victims]
+        hashes, slots = zip(*victims)
+        res = [mono - pop(slot, created) for slot in slots]
         self._count(len(victims), mono)
         self.residency_count += len(res)
         self.residency_total_s += sum(res)
         self.residency_max_s = max(self.residency_max_s, max(res))
         self._residencies.extend(res)
-        self._events.extend([(h, slot, reason, now, r) for (h, slot), r in zip(victims, res)])
+        self._events.extend(zip(hashes, slots, repeat(reason), repeat(now), res))  # tuples built in C
 
     def record_event(self, event: EvictionEvent) -> None:
         """Count an eviction reported from outside the pool (the compat facade's ``record_eviction``) and keep it."""

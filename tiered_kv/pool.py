@@ -34,16 +34,16 @@ import torch
 from .blocks import ImmutableBlock, MutableBlock, _Block
 from .enums import plain
 from .errors import BlockNotComplete, BlockPoolError, CorruptBlockError, InvalidBlockError, NotEnoughBlocksAvailable
-from .hashing import plain_hashes
+from .hashing import parents_of, plain_hashes
 from .metrics import PoolMetrics
 from .policies import EvictionPolicy
+from .storage.base import BlockStorage
 from .tokens import encode_tokens
 
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .events import EventBus
     from .sources import MatchSource
-    from .storage.base import BlockStorage
 
 __all__ = ["BlockPool", "BlockState", "EvictionHandler"]
 
@@ -51,6 +51,7 @@ _FREE = 0
 _MUTABLE = 1
 _REGISTERED = 2
 _DOOMED = 3  # dropped from the index while still referenced; freed at the last release
+_PARENT_TYPES = frozenset({bytes, type(None)})
 
 
 class BlockState(IntEnum):
@@ -102,6 +103,8 @@ class BlockPool:
         # DiskStore._lock) come after every pool lock and never call back into a pool.
         self._lock = threading.Lock()
         self._persistent = storage.persistent
+        # Whether the storage does anything on discard (the disk deletes rows; arenas keep the base no-op).
+        self._discards = type(storage).discard is not BlockStorage.discard
         self._register_lock = threading.Lock() if storage.persistent else None
         self._n = n
         self._free: list[int] = list(range(n - 1, -1, -1))  # a stack: low slots first
@@ -311,46 +314,74 @@ class BlockPool:
         policy = self.policy
         by_hash, refs, pins, state = self._by_hash, self._refs, self._pins, self._state
         victims: list[tuple[bytes, int]] = []
-        taken: set[bytes] = set()
-        for _ in range(count):
-            key: Any
-            if protect:
-                key = self._pick_unprotected(taken, protect)
-                if key is None:
-                    break
-            elif self._persistent and self._children:
-                key = self._pick_unprotected(taken, frozenset())
-                if key is None:  # every candidate heads a held chain: take the policy's choice
-                    key = policy.evict()
-            else:
-                key = policy.evict()
-            slot = by_hash.get(key) if isinstance(key, bytes) else None
-            if slot is None or refs[slot] or pins[slot] or state[slot] != _REGISTERED:
-                # A misbehaving (user) policy: put back what was taken and refuse, rather than corrupt the pool.
-                for h, _s in victims:
-                    policy.insert(h, True)
-                raise InvalidBlockError(
-                    f"eviction policy {type(policy).__name__} of the {self.tier} pool returned {key!r}, "
-                    "which is not an evictable block of this pool"
-                )
-            victims.append((key, slot))
-            taken.add(key)
+        if protect or (self._persistent and self._children):
+            taken: set[bytes] = set()
+            for _ in range(count):
+                key: Any
+                if protect:
+                    key = self._pick_unprotected(taken, protect)
+                    if key is None:
+                        break
+                else:
+                    key = self._pick_unprotected(taken, frozenset())
+                    if key is None:  # every candidate heads a held chain: take the policy's choice
+                        key = policy.evict()
+                self._check_victim(key, victims)
+                victims.append((key, by_hash[key]))
+                taken.add(key)
+        else:
+            keys = policy.evict_many(count)
+            get = by_hash.get
+            for i, key in enumerate(keys):
+                slot = get(key) if type(key) is bytes else None
+                if slot is None or refs[slot] or pins[slot] or state[slot] != _REGISTERED:
+                    self._check_victim(key, victims, keys[i + 1 :])
+                    slot = by_hash[key]
+                victims.append((key, slot))
+        slot_hash, parents, children = self._slot_hash, self._parents, self._children
         for h, slot in victims:
             del by_hash[h]
-            self._slot_hash[slot] = None
-            self._unlink(h, slot)
+            slot_hash[slot] = None
+            par = parents[slot]
+            if par is not None:  # _unlink, inline
+                kids = children.get(par)
+                if kids is not None:
+                    kids.discard(h)
+                    if not kids:
+                        del children[par]
             state[slot] = _FREE
+        if not victims:
+            return victims
         if self._on_evict is not None:
             self._on_evict(victims)
+        hashes = [h for h, _ in victims]
         if self._on_removed is not None and (self._persistent or self._on_evict is None):
             # Gone from the disk (or from the lowest tier): the reaper checks what under them is left unreachable.
             # A memory tier's victims go down through its handler, which reports the ones it drops itself.
-            self._on_removed([h for h, _ in victims])
-        self.storage.discard([s for _, s in victims], [h for h, _ in victims])
+            self._on_removed(hashes)
+        if self._discards:
+            self.storage.discard([s for _, s in victims], hashes)
         self.metrics.record_evictions(victims, "capacity")
         if self.events is not None and self.events.active:
-            self.events.publish("removed", self.tier, [h for h, _ in victims])
+            self.events.publish("removed", self.tier, hashes)
         return victims
+
+    def _check_victim(self, key: Any, victims: list[tuple[bytes, int]], also_taken: Sequence[Any] = ()) -> None:
+        """Refuse a key that is not an evictable block here (a misbehaving user policy), putting back what was
+        taken, rather than corrupt the pool. Lock held."""
+        slot = self._by_hash.get(key) if isinstance(key, bytes) else None
+        if slot is not None and not self._refs[slot] and not self._pins[slot] and self._state[slot] == _REGISTERED:
+            return
+        policy = self.policy
+        for h, _s in victims:
+            policy.insert(h, True)
+        for h in also_taken:
+            if isinstance(h, bytes) and h in self._by_hash:
+                policy.insert(h, True)
+        raise InvalidBlockError(
+            f"eviction policy {type(policy).__name__} of the {self.tier} pool returned {key!r}, "
+            "which is not an evictable block of this pool"
+        )
 
     def _pick_unprotected(self, taken: set[bytes], protect: AbstractSet[bytes]) -> bytes | None:
         """A victim outside ``protect`` among the policy's next candidates, removed from the policy; None when
@@ -481,8 +512,7 @@ class BlockPool:
         blocks = list(blocks)
         pars = self._parents_of(sequence_hashes, parents)
         # Plain bytes from here on: the parents are taken, and a stored SequenceHash would keep its chain alive.
-        valid = self.validate_hashes(sequence_hashes, "sequence_hashes")
-        hashes = [h if type(h) is bytes else bytes(h) for h in valid]
+        hashes = self.validate_hashes(sequence_hashes, "sequence_hashes")  # plain bytes
         if len(blocks) != len(hashes):
             raise ValueError(f"blocks and sequence_hashes differ in length: {len(blocks)} != {len(hashes)}")
         toks = self._encode_tokens(tokens, len(blocks))
@@ -516,10 +546,13 @@ class BlockPool:
 
     def _parents_of(self, hashes: Sequence[bytes], parents: Sequence[bytes | None] | None) -> list[bytes | None]:
         if parents is None:
-            return [getattr(h, "parent", None) for h in hashes]  # SequenceHash carries its parent
+            return parents_of(hashes)  # a SequenceHash carries its parent; plain bytes have none
         if isinstance(parents, (bytes, str)) or len(parents) != len(hashes):
             got = len(parents) if hasattr(parents, "__len__") else type(parents).__name__
             raise ValueError(f"parents: expected one entry per block ({len(hashes)}), got {got}")
+        size = self.hash_length
+        if set(map(type, parents)) <= _PARENT_TYPES and {len(p) for p in parents if p is not None} <= {size}:
+            return list(parents)  # the common case, checked at C speed
         out: list[bytes | None] = []
         for i, p in enumerate(parents):
             if p is not None and (not isinstance(p, (bytes, bytearray)) or len(p) != self.hash_length):
@@ -569,18 +602,32 @@ class BlockPool:
         present = self._parent_present
         if present is None or pars is None:
             return set()
+        by_hash = self._by_hash
         batch = {h: i for i, h in enumerate(hashes)}
         out: set[int] = set()
         for i, par in enumerate(pars):
-            if par is None or par in self._by_hash or present(par):
+            if par is None or par in by_hash:
                 continue
-            # The parent is in this call: the block is an orphan only if its ancestors within the call are.
+            j = batch.get(par)
+            if j is not None and j < i:
+                # The parent is an earlier block of this call (a chain in order, the common case): an orphan only
+                # if that block is one and no tier holds the parent either.
+                if j not in out or present(par):
+                    continue
+                out.add(i)
+                continue
+            if present(par):
+                continue
+            if j is None:
+                out.add(i)
+                continue
+            # The parent comes later in the call: walk the ancestors within the call.
             x: bytes | None = par
             seen = 0
             while x is not None and x in batch and seen <= len(hashes):
                 x = pars[batch[x]]
                 seen += 1
-                if x is None or x in self._by_hash or present(x):
+                if x is None or x in by_hash or present(x):
                     break
             else:
                 out.add(i)
@@ -661,44 +708,53 @@ class BlockPool:
         orphans: set[int] | None = None,
     ) -> list[ImmutableBlock]:
         by_hash, refs, pins, state, gen = self._by_hash, self._refs, self._pins, self._state, self._gen
-        tokens = self._tokens
-        slot_hash = self._slot_hash
+        tokens, slot_hash, parents, children = self._tokens, self._slot_hash, self._parents, self._children
         policy = self.policy
-        out = []
-        stored = []
+        out: list[ImmutableBlock] = []
+        add = out.append
+        stored: list[bytes] = []
+        stored_slots: list[int] = []
+        stored_pars: list[bytes | None] = []
+        unsent = 0  # stored[unsent:] are not in the policy yet (inserted in one batch call)
         if orphans is None:
             orphans = self._orphans_locked(hashes, pars)
-        for i, (b, h) in enumerate(zip(blocks, hashes)):
+        for i, b in enumerate(blocks):
+            h = hashes[i]
             slot = b.block_id
             b._released = True
             existing = by_hash.get(h)
-            if existing is None and i in orphans:
-                # Its parent is in no tier: a match could never reach it. The caller keeps its handle; the block
-                # is not cached and its slot is freed at the last release.
-                self.storage.drop_stage(slot)
-                self._slot_hash[slot] = None
-                state[slot] = _DOOMED
-                refs[slot] = 1
-                self.metrics.orphans_refused += 1
-                out.append(ImmutableBlock(self, slot, gen[slot], h))
-            elif existing is None:
+            if existing is None:
+                if orphans and i in orphans:
+                    # Its parent is in no tier: a match could never reach it. The caller keeps its handle; the block
+                    # is not cached and its slot is freed at the last release.
+                    self.storage.drop_stage(slot)
+                    slot_hash[slot] = None
+                    state[slot] = _DOOMED
+                    refs[slot] = 1
+                    self.metrics.orphans_refused += 1
+                    add(ImmutableBlock(self, slot, gen[slot], h))
+                    continue
                 stored.append(h)
+                stored_slots.append(slot)
                 by_hash[h] = slot
                 slot_hash[slot] = h
                 tokens[slot] = toks[i] if toks is not None else None
                 par = pars[i] if pars is not None else None
-                self._parents[slot] = par
+                stored_pars.append(par)
+                parents[slot] = par
                 if par is not None:
-                    kids = self._children.get(par)
+                    kids = children.get(par)
                     if kids is None:
-                        self._children[par] = {h}
+                        children[par] = {h}
                     else:
                         kids.add(h)
                 state[slot] = _REGISTERED
                 refs[slot] = 1
-                policy.insert(h, False)
-                out.append(ImmutableBlock(self, slot, gen[slot], h))
+                add(ImmutableBlock(self, slot, gen[slot], h))
             else:
+                if unsent < len(stored):  # keep the policy's order of events: earlier inserts first
+                    policy.insert_many(stored[unsent:], False)
+                    unsent = len(stored)
                 r = refs[existing]
                 if r == 0 and not pins[existing]:
                     policy.set_evictable(h, False)
@@ -709,26 +765,27 @@ class BlockPool:
                 state[slot] = _FREE
                 self.storage.drop_stage(slot)
                 self._free.append(slot)
-                out.append(ImmutableBlock(self, existing, gen[existing], h))
+                add(ImmutableBlock(self, existing, gen[existing], h))
         if stored:
+            if unsent < len(stored):
+                policy.insert_many(stored[unsent:] if unsent else stored, False)
             present = self._parent_present
             if present is not None and self._on_removed is not None:
                 # A parent lost while this batch was being written: hand it to the reaper, which drops its
                 # descendants (this batch included) so the tier stays prefix-closed.
-                gone = {p for h in stored if (p := self._parents[by_hash[h]]) is not None
-                        and p not in by_hash and not present(p)}
+                gone = {p for p in stored_pars if p is not None and p not in by_hash and not present(p)}
                 if gone:
                     self._on_removed(list(gone))
-            self.metrics.note_stored([by_hash[h] for h in stored])
+            self.metrics.note_stored(stored_slots)
             if self._on_stored is not None:
-                self._on_stored([(h, by_hash[h]) for h in stored])
+                self._on_stored(list(zip(stored, stored_slots)))
             if self._written_log is not None and self._log_seq is not None:
                 seq = self._log_seq
                 self._written_log.extend((seq(), h) for h in stored)
                 if self._on_logged is not None:
                     self._on_logged()
             if self.events is not None and self.events.active:
-                self.events.publish("stored", self.tier, stored, [self._parents[by_hash[h]] for h in stored])
+                self.events.publish("stored", self.tier, stored, stored_pars)
         return out
 
     # ------------------------------------------------------------------------------------------------- matching
@@ -778,25 +835,30 @@ class BlockPool:
         if self._pending:
             self._drain_pending()
         by_hash, refs, pins, gen = self._by_hash, self._refs, self._pins, self._gen
-        policy = self.policy
         tokens = self._tokens
         out: list[ImmutableBlock] = []
+        add = out.append
+        newly_held: list[bytes] = []
+        end = start
         for i in range(start, len(hashes)):
             h = hashes[i]
             slot = by_hash.get(h)
-            if slot is None or (out and higher and any(p.may_hold(h) for p in higher)):
+            if slot is None or (higher and end > start and any(p.may_hold(h) for p in higher)):
                 break
             if expected is not None and tokens[slot] not in (None, expected[i]):
                 break
             r = refs[slot]
             if r == 0 and not pins[slot]:
-                policy.set_evictable(h, False)
+                newly_held.append(h)
             refs[slot] = r + 1
-            policy.touch(h)
-            out.append(ImmutableBlock(self, slot, gen[slot], h))
-        self.metrics.hits += len(out)
-        if out and self._persistent:
-            self.storage.touch([b.sequence_hash for b in out])
+            add(ImmutableBlock(self, slot, gen[slot], h))
+            end = i + 1
+        if out:
+            hit = hashes[start:end]
+            self.policy.hit_many(hit, newly_held)
+            self.metrics.hits += len(out)
+            if self._persistent:
+                self.storage.touch(hit)
         return out
 
     def acquire(self, sequence_hashes: Sequence[bytes]) -> list[ImmutableBlock]:
@@ -844,10 +906,13 @@ class BlockPool:
                 self._drain_pending()
             refs, pins, state, gen = self._refs, self._pins, self._state, self._gen
             policy = self.policy
+            freed: list[bytes] = []  # became evictable: handed to the policy in one call, in release order
             for b in blocks:
                 if b._released:
                     continue
                 if b._pool is not self:
+                    if freed:
+                        policy.set_evictable_many(freed, True)
                     raise InvalidBlockError(f"{b!r} belongs to the {b._pool.tier} pool, not this {self.tier} pool")
                 b._released = True
                 slot = b.block_id
@@ -860,9 +925,32 @@ class BlockPool:
                             if as_victims:
                                 policy.set_evictable_as_victim(b.sequence_hash)
                             else:
-                                policy.set_evictable(b.sequence_hash, True)
+                                freed.append(b.sequence_hash)
                     continue
+                if freed:  # the slow path may talk to the policy too: keep the order of events
+                    policy.set_evictable_many(freed, True)
+                    freed = []
                 self._release_slot(type(b) is MutableBlock, slot, b._gen)
+            if freed:
+                policy.set_evictable_many(freed, True)
+
+    def _release_one(self, b: _Block) -> None:
+        """``release_blocks([b])`` for one handle (``block.release()``), without the batch's setup."""
+        with self._lock:
+            if self._pending:
+                self._drain_pending()
+            if b._released:
+                return
+            b._released = True
+            slot = b.block_id
+            if type(b) is ImmutableBlock and self._gen[slot] == b._gen and self._state[slot] == _REGISTERED:
+                r = self._refs[slot] - 1
+                if r >= 0:
+                    self._refs[slot] = r
+                    if r == 0 and not self._pins[slot]:
+                        self.policy.set_evictable(b.sequence_hash, True)
+                    return
+            self._release_slot(type(b) is MutableBlock, slot, b._gen)
 
     def _release_slot(self, mutable: bool, slot: int, gen: int) -> bool:
         """Drop one hold on ``slot``; returns whether room was made."""
@@ -1041,7 +1129,7 @@ class BlockPool:
         relies on)."""
         if self._on_removed is not None:
             self._on_removed(hashes)
-        if slots is not None:
+        if slots is not None and self._discards:
             self.storage.discard(slots, hashes)
         if self.events is not None and self.events.active:
             self.events.publish("removed", self.tier, hashes)

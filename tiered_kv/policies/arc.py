@@ -23,7 +23,7 @@ simulations and for the textbook tests.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 from .base import EvictionPolicy
 
@@ -166,6 +166,119 @@ class ARCPolicy(EvictionPolicy):
             else:
                 out.append(next(it2))
                 left2 -= 1
+        return out
+
+    # --- batch forms: the loops of the single forms with the lookups bound once (the pool calls these per batch) --
+    def insert_many(self, keys: Sequence[Hashable], evictable: bool) -> None:
+        t1, t2, b1, b2, held = self._t1, self._t2, self._b1, self._b2, self._held
+        c = self.capacity
+        for key in keys:
+            if key in t1 or key in t2 or key in held:
+                self.touch(key)
+                self.set_evictable(key, evictable)
+                continue
+            if key in b1 or key in b2:
+                where = self._adapt_on_ghost_hit(key)
+            else:  # _trim_ghosts_for_new_key, inline
+                n1 = len(t1) + self._held1
+                if n1 + len(b1) >= c:
+                    if b1:
+                        b1.popitem(last=False)
+                elif b2 and n1 + len(t2) + self._held2 + len(b1) + len(b2) >= 2 * c:
+                    b2.popitem(last=False)
+                where = _T1
+            if not evictable:
+                held[key] = where
+                if where == _T1:
+                    self._held1 += 1
+                else:
+                    self._held2 += 1
+            elif where == _T1:
+                t1[key] = None
+            else:
+                t2[key] = None
+
+    def touch_many(self, keys: Sequence[Hashable]) -> None:
+        t1, t2, held = self._t1, self._t2, self._held
+        move = t2.move_to_end
+        promoted = 0
+        for key in keys:
+            if key in t1:
+                del t1[key]
+                t2[key] = None
+            elif key in t2:
+                move(key)
+            elif held.get(key) == _T1:
+                held[key] = _T2
+                promoted += 1
+        if promoted:
+            self._held1 -= promoted
+            self._held2 += promoted
+
+    def set_evictable_many(self, keys: Sequence[Hashable], evictable: bool) -> None:
+        t1, t2, held = self._t1, self._t2, self._held
+        d1 = d2 = 0
+        if evictable:
+            pop = held.pop
+            for key in keys:
+                where = pop(key, 0)
+                if where == _T1:
+                    d1 -= 1
+                    t1[key] = None
+                elif where == _T2:
+                    d2 -= 1
+                    t2[key] = None
+        else:
+            for key in keys:
+                if key in t1:
+                    del t1[key]
+                    held[key] = _T1
+                    d1 += 1
+                elif key in t2:
+                    del t2[key]
+                    held[key] = _T2
+                    d2 += 1
+        self._held1 += d1
+        self._held2 += d2
+
+    def hit_many(self, keys: Sequence[Hashable], newly_held: Sequence[Hashable]) -> None:
+        # Held, then touched: an evictable entry of T1 or T2 ends held in T2, a held one moves from T1 to T2.
+        # (set_evictable(key, False) is a no-op for a held key, so newly_held adds nothing to what keys say.)
+        t1, t2, held = self._t1, self._t2, self._held
+        d1 = d2 = 0
+        for key in keys:
+            if key in t1:
+                del t1[key]
+                held[key] = _T2
+                d2 += 1
+            elif key in t2:
+                del t2[key]
+                held[key] = _T2
+                d2 += 1
+            elif held.get(key) == _T1:
+                held[key] = _T2
+                d1 -= 1
+                d2 += 1
+        self._held1 += d1
+        self._held2 += d2
+
+    def evict_many(self, n: int) -> list[Hashable]:
+        # REPLACE n times (as evict() runs it); evictions never move p, and T1's held count is fixed meanwhile.
+        t1, t2, b1, b2 = self._t1, self._t2, self._b1, self._b2
+        p = self.p
+        held1 = self._held1
+        out: list[Hashable] = []
+        for _ in range(n):
+            n1 = len(t1) + held1
+            if (n1 >= 1 and n1 > p and t1) or not t2:
+                if not t1:
+                    break
+                victim = t1.popitem(last=False)[0]
+                b1[victim] = None
+            else:
+                victim = t2.popitem(last=False)[0]
+                b2[victim] = None
+            out.append(victim)
         return out
 
     # --- the paper's algorithm for one reference ---------------------------------------------------------------

@@ -8,13 +8,19 @@ victims. It never touches storage and knows nothing about slots or tensors. The 
 * ``set_evictable(key, flag)`` — the block became held (referenced or pinned) or free to evict again;
 * ``evict()`` — pick one evictable victim, forget it as a cached entry and return its key (``None`` if there is none);
 * ``remove(key)`` — the pool dropped the entry for another reason (reset, corruption); no ghost is kept.
+
+The pool calls the batch forms (``insert_many``, ``touch_many``, ``set_evictable_many``, ``hit_many``,
+``evict_many``) once per call of its own; their defaults loop over the single forms, so a policy only overrides
+them to be faster. A batch of hits reaches the policy as ``set_evictable(key, False)`` for each key that becomes
+held, then ``touch(key)`` for each key (not interleaved per key).
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -25,6 +31,14 @@ class EvictionPolicy(ABC):
     """Orders cached entries and chooses victims among the evictable ones."""
 
     capacity: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass that overrides a single form (say LRUPolicy.evict) without its batch form would otherwise
+        # inherit a fast batch form that bypasses the override: it gets the default loop over the single form.
+        super().__init_subclass__(**kwargs)
+        for batch, singles in _BATCH_OF.items():
+            if batch not in cls.__dict__ and any(s in cls.__dict__ for s in singles):
+                setattr(cls, batch, EvictionPolicy.__dict__[batch])
 
     @abstractmethod
     def insert(self, key: Hashable, evictable: bool) -> None:
@@ -67,6 +81,40 @@ class EvictionPolicy(ABC):
     def clear(self) -> None:
         """Forget everything, history included."""
 
+    # --- batch forms: one call per pool operation; each is exactly the loop of its single form -----------------
+    def insert_many(self, keys: Sequence[Hashable], evictable: bool) -> None:
+        """``insert(key, evictable)`` for each key, in order."""
+        for key in keys:
+            self.insert(key, evictable)
+
+    def touch_many(self, keys: Sequence[Hashable]) -> None:
+        """``touch(key)`` for each key, in order."""
+        for key in keys:
+            self.touch(key)
+
+    def set_evictable_many(self, keys: Sequence[Hashable], evictable: bool) -> None:
+        """``set_evictable(key, evictable)`` for each key, in order."""
+        for key in keys:
+            self.set_evictable(key, evictable)
+
+    def hit_many(self, keys: Sequence[Hashable], newly_held: Sequence[Hashable]) -> None:
+        """A hit on each of ``keys``, which the pool now holds; ``newly_held``: those of them that were evictable
+        until now. The same as ``set_evictable_many(newly_held, False)`` then ``touch_many(keys)`` (the default),
+        in one pass where a policy can."""
+        if newly_held:
+            self.set_evictable_many(newly_held, False)
+        self.touch_many(keys)
+
+    def evict_many(self, n: int) -> list[Hashable]:
+        """Up to ``n`` victims, as ``n`` calls of :meth:`evict` would take them (stops at the first None)."""
+        out: list[Hashable] = []
+        for _ in range(n):
+            key = self.evict()
+            if key is None:
+                break
+            out.append(key)
+        return out
+
     def candidates(self, n: int) -> list[Hashable]:
         """Up to ``n`` evictable keys likely to be evicted soon (for write-back ahead of need); no state change.
 
@@ -74,6 +122,15 @@ class EvictionPolicy(ABC):
         """
         return []
 
+
+#: Each batch form and the single forms it stands for.
+_BATCH_OF = {
+    "insert_many": ("insert",),
+    "touch_many": ("touch",),
+    "set_evictable_many": ("set_evictable",),
+    "hit_many": ("set_evictable", "touch"),
+    "evict_many": ("evict",),
+}
 
 PolicyFactory = Callable[[int], EvictionPolicy]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from itertools import islice
 
 from .base import EvictionPolicy
@@ -54,6 +54,48 @@ class LRUPolicy(EvictionPolicy):
         if not self._lru:
             return None
         return self._lru.popitem(last=False)[0]
+
+    # Batch forms: the loops of the single forms with the lookups bound once (the pool calls these per batch).
+    def insert_many(self, keys: Sequence[Hashable], evictable: bool) -> None:
+        if evictable:
+            lru = self._lru
+            for key in keys:
+                lru[key] = None
+        else:
+            self._held.update(keys)
+
+    def touch_many(self, keys: Sequence[Hashable]) -> None:
+        lru = self._lru
+        move = lru.move_to_end
+        for key in keys:
+            if key in lru:
+                move(key)
+
+    def set_evictable_many(self, keys: Sequence[Hashable], evictable: bool) -> None:
+        lru, held = self._lru, self._held
+        if evictable:
+            for key in keys:
+                if key in held:
+                    held.discard(key)
+                    lru[key] = None
+        else:
+            for key in keys:
+                if key in lru:
+                    del lru[key]
+                    held.add(key)
+
+    def hit_many(self, keys: Sequence[Hashable], newly_held: Sequence[Hashable]) -> None:
+        # A touch does nothing to a held key: held is all a hit does here.
+        lru, held = self._lru, self._held
+        for key in keys:
+            if key in lru:
+                del lru[key]
+                held.add(key)
+
+    def evict_many(self, n: int) -> list[Hashable]:
+        lru = self._lru
+        pop = lru.popitem
+        return [pop(last=False)[0] for _ in range(min(n, len(lru)))]
 
     def remove(self, key: Hashable) -> None:
         self._lru.pop(key, None)

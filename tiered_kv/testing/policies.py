@@ -543,6 +543,63 @@ class EvictionPolicyTests:
 
         run()
 
+    def test_batch_forms_match_the_single_forms(self, policy_spec: PolicySpec) -> None:
+        """Hypothesis: ``insert_many``, ``hit_many``, ``set_evictable_many``, ``touch_many`` and ``evict_many`` leave
+        a policy as the single forms do (the pool calls the batch forms): same entries, same victims."""
+
+        @settings(max_examples=self.max_examples, deadline=None, report_multiple_bugs=False, **self.hypothesis_settings)
+        @given(batches=st.lists(st.tuples(st.integers(0, 4), st.lists(st.integers(0, len(KEYS) - 1), max_size=8)),
+                                min_size=5, max_size=40))
+        def run(batches: list[tuple[int, list[int]]]) -> None:
+            fast, slow = policy_spec.factory(self.capacity), policy_spec.factory(self.capacity)
+            model: dict[Hashable, bool] = {}  # key -> evictable
+            for kind, picks in batches:
+                if kind == 0:  # new entries, held as the pool inserts them (or evictable, on odd draws)
+                    keys = list(dict.fromkeys(k for i in picks if (k := KEYS[i]) not in model))
+                    evictable = len(picks) % 2 == 1
+                    fast.insert_many(keys, evictable)
+                    for k in keys:
+                        slow.insert(k, evictable)
+                        model[k] = evictable
+                elif kind == 1:  # hits on present entries (a key may repeat in a request)
+                    keys = [KEYS[i] for i in picks if KEYS[i] in model]
+                    newly = list(dict.fromkeys(k for k in keys if model[k]))
+                    fast.hit_many(keys, newly)
+                    for k in newly:
+                        slow.set_evictable(k, False)
+                        model[k] = False
+                    for k in keys:
+                        slow.touch(k)
+                elif kind == 2:  # the last releases of held entries
+                    keys = list(dict.fromkeys(KEYS[i] for i in picks if model.get(KEYS[i]) is False))
+                    fast.set_evictable_many(keys, True)
+                    for k in keys:
+                        slow.set_evictable(k, True)
+                        model[k] = True
+                elif kind == 3:
+                    keys = [KEYS[i] for i in picks if KEYS[i] in model]
+                    fast.touch_many(keys)
+                    for k in keys:
+                        slow.touch(k)
+                else:
+                    got = fast.evict_many(len(picks))
+                    assert len(set(got)) == len(got) and all(model.get(k) is True for k in got), got
+                    if policy_spec.deterministic:
+                        want = [v for _ in range(len(picks)) if (v := slow.evict()) is not None]
+                        assert got == want, f"evict_many({len(picks)}) = {got!r}; evict() x{len(picks)}: {want!r}"
+                    else:  # the victims may differ: keep the twin in step instead
+                        for k in got:
+                            slow.remove(k)
+                    for k in got:
+                        del model[k]
+                assert len(fast) == len(slow) and fast.evictable_count() == slow.evictable_count()
+                assert all((k in fast) == (k in slow) for k in KEYS)
+            if policy_spec.deterministic:
+                rest = [v for _ in range(len(KEYS)) if (v := slow.evict()) is not None]
+                assert fast.evict_many(len(KEYS)) == rest
+
+        run()
+
     def test_drives_a_real_pool(self, policy_spec: PolicySpec) -> None:
         """Inside a :class:`~tiered_kv.pool.BlockPool` the policy's victims free slots and bytes stay right."""
         from ..pool import BlockPool
