@@ -225,8 +225,8 @@ def copy_arena_slots(src: TensorArena, src_slots: Sequence[int], dst: TensorAren
     current stream (the caller synchronises), which is what makes host<->device copies run at link speed.
     """
     if src._rows is not None and dst._rows is not None and len(src._rows) == len(dst._rows) and src_slots:
-        for a, b in zip(src._rows, dst._rows):  # small blocks on the CPU: one fancy-indexing copy per tensor
-            b[list(dst_slots)] = a[list(src_slots)]
+        for rows_from, rows_to in zip(src._rows, dst._rows):  # small CPU blocks: one fancy-indexing copy each
+            rows_to[list(dst_slots)] = rows_from[list(src_slots)]
         return
     non_blocking = src.device.type != dst.device.type and (src.pinned or dst.pinned)
     pairs = [(src._whole, dst._whole)] if src._whole is not None and dst._whole is not None else None
