@@ -588,10 +588,10 @@ class EvictionPolicyTests:
                         want = [v for _ in range(len(picks)) if (v := slow.evict()) is not None]
                         assert got == want, f"evict_many({len(picks)}) = {got!r}; evict() x{len(picks)}: {want!r}"
                     else:  # the victims may differ: keep the twin in step instead
-                        for k in got:
-                            slow.remove(k)
-                    for k in got:
-                        del model[k]
+                        for gone in got:
+                            slow.remove(gone)
+                    for gone in got:
+                        del model[gone]
                 assert len(fast) == len(slow) and fast.evictable_count() == slow.evictable_count()
                 assert all((k in fast) == (k in slow) for k in KEYS)
             if policy_spec.deterministic:
