@@ -318,3 +318,40 @@ def test_a_block_written_by_a_nested_ancestor_write_is_not_written_again(tmp_pat
         got = bm.match_sequence_hashes([h, p, x])
         assert [b.sequence_hash for b in got] == [h, p, x]
         bm.top.release_blocks(got)
+
+
+def test_with_cleaners_an_eviction_bypasses_a_tier_whose_next_victims_are_dirty(tmp_path: Path) -> None:
+    """Cleaners on (idle here: low watermark 0): a device victim takes only free or clean host room; with the host
+    full of blocks not yet below, it goes straight to the disk queue in one copy, and the host keeps its blocks
+    (no snapshot of them under the host's lock on the evicting thread)."""
+    idle_cleaners = OffloadConfig(low_watermark=0.0, background_cleaning=True)
+    with three_tier(tmp_path, device=2, host=2, offload=idle_cleaners) as bm:
+        disk_pool, host = bm.disk(), bm.host()
+        assert disk_pool is not None and host is not None
+        a, b, c = (bm.sequence_hashes(list(range(k, k + 4 * 2))) for k in (0, 1000, 2000))
+        store(bm, a)
+        store(bm, b)  # a: device -> host (free room there)
+        store(bm, c)  # b: the host holds only a (dirty): b bypasses it
+        bm.flush()
+        assert all(h in host for h in a) and all(h in disk_pool for h in b)
+        assert not any(h in disk_pool for h in a)
+        pairs = bm.metrics()["offload"]["per_pair"]
+        assert pairs.get("device->disk", 0) == 2 and pairs.get("host->disk", 0) == 0
+        got = bm.match_sequence_hashes(b)
+        assert [g.sequence_hash for g in got] == b
+        assert all(torch.equal(block_data(g), content_for(h)) for g, h in zip(got, b))
+        bm.top.release_blocks(got)
+
+
+def test_without_cleaners_evictions_keep_the_chain(tmp_path: Path) -> None:
+    """Stepped (no cleaner threads): each tier pushes out its own least recent blocks, as before."""
+    with three_tier(tmp_path, device=2, host=2, offload=EVICTION_ONLY) as bm:
+        disk_pool, host = bm.disk(), bm.host()
+        assert disk_pool is not None and host is not None
+        a, b, c = (bm.sequence_hashes(list(range(k, k + 4 * 2))) for k in (0, 1000, 2000))
+        store(bm, a)
+        store(bm, b)
+        store(bm, c)
+        bm.flush()
+        assert all(h in host for h in b) and all(h in disk_pool for h in a)
+        assert bm.metrics()["offload"]["per_pair"].get("host->disk", 0) == 2

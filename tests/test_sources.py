@@ -12,7 +12,8 @@ import torch
 from kvdata import SMALL
 
 from tiered_kv import DiskConfig, KvBlockManager, KvBlockManagerConfig, LayoutConfig
-from tiered_kv.sources import InflightSource, MatchSource
+from tiered_kv.sources import InflightSource, MatchSource, SnapshotBlock
+from tiered_kv.storage.staging import StagingPool
 from tiered_kv.testing import MatchSourceTests, SourceEntry
 
 
@@ -72,3 +73,36 @@ def test_the_suite_catches_a_source_that_ignores_higher_tiers(tmp_path: Path) ->
 
     with pytest.raises(AssertionError):
         TestGreedy().test_run_yields_to_higher_sources(tmp_path)
+
+
+def test_queued_snapshot_buffers_are_reused_only_after_their_last_reader() -> None:
+    """A written snapshot's buffer goes back to staging at once, unless a matched handle still reads it: then at
+    that handle's release (a reused buffer under a live handle would hand its reader another block's bytes)."""
+    q = InflightSource("disk")
+    a, b = torch.full((2, 4), 1.0), torch.full((2, 4), 2.0)
+    q.put([b"a" * 16, b"b" * 16], [a, b], [None, None])
+    (held,) = q.match_run([b"a" * 16], 0, [])
+    given: list[torch.Tensor] = []
+    q.drop([b"a" * 16, b"b" * 16])
+    q.recycle([a, b], given.extend)
+    assert [t is b for t in given] == [True]  # b had no reader; a waits for its handle
+    assert torch.equal(held.data, torch.full((2, 4), 1.0))
+    held.release()
+    assert len(given) == 2 and given[1] is a
+    held.release()  # idempotent: the buffer is not given twice
+    assert len(given) == 2
+    (again,) = [SnapshotBlock(q, b"x" * 16, a, None)]  # a handle the source never counted: releasing gives nothing
+    again.release()
+    assert len(given) == 2
+
+
+def test_staging_keeps_warm_buffers_and_refills_them() -> None:
+    staging = StagingPool(SMALL, max_bytes=64 * SMALL.block_size_bytes)
+    staging.keep_warm(8 * SMALL.block_size_bytes)
+    assert staging.spare_count() == 8
+    taken = staging.take(5)
+    assert staging.spare_count() == 3
+    assert staging.refill() == 5 and staging.spare_count() == 8
+    staging.give(taken)
+    assert staging.spare_count() == 13  # given back: kept (up to the maximum), warm or not
+    assert staging.refill() == 0

@@ -129,6 +129,10 @@ def _nowhere(h: bytes) -> bool:
     return False
 
 
+#: Spare staging memory kept allocated and faulted in for the snapshots of demotions (see StagingPool.keep_warm).
+STAGING_WARM_BYTES = 32 << 20
+
+
 @dataclass
 class _Job:
     lower: BlockPool
@@ -175,6 +179,7 @@ class OffloadScheduler:
         self.promote_latency = LatencyHistogram()
         self.low_watermark = low_watermark
         self.clean_batch = clean_batch
+        self._background_cleaning = background_cleaning
         self.clean_interval = clean_interval
         self.claims = PromotionClaims()
         self._stop = False
@@ -207,6 +212,10 @@ class OffloadScheduler:
             if pool.storage.persistent:
                 queued = self.inflight.get(pool.tier)
                 pool.set_parent_lookup(queued.__contains__ if queued is not None else _nowhere)
+                if queued is not None and pool.storage.staging is not None:
+                    # Snapshots of demotions land in resident memory: up to 32 MiB kept warm, 8 to 64 buffers.
+                    warm = max(8, min(64, STAGING_WARM_BYTES // self._block_bytes))
+                    pool.storage.staging.keep_warm(warm * self._block_bytes)
         # Disk demotions waiting for a writer; drain() also waits for cleaning passes (busy sections).
         self.queue: WorkQueue[_Job] = WorkQueue(
             max_queued_blocks if max_queued_blocks is not None else max(512, (256 << 20) // self._block_bytes),
@@ -421,7 +430,11 @@ class OffloadScheduler:
         t0 = time.perf_counter()
         todo = dirty
         try:
-            dst = lower.allocate_up_to(len(dirty))
+            # With cleaners running, dirty blocks at the bottom of ``lower`` mean its cleaner is behind (overload):
+            # take only its free or clean room, and what does not fit goes on to the disk queue in one copy,
+            # instead of a copy into ``lower`` plus a snapshot of what it pushes out under ``lower``'s lock.
+            protect = self._dirty_victims(lower, len(dirty)) if self._background_cleaning else None
+            dst = lower.allocate_up_to(len(dirty), protect)
             todo = dirty[: len(dst)]
             if dst:
                 copy_slots(upper.storage, [s for _, s in todo], lower, dst)
@@ -436,6 +449,24 @@ class OffloadScheduler:
         self.counters.pair(pair, n)
         self.demote_latency.observe(time.perf_counter() - t0)
         return dirty[n:]
+
+    def _dirty_victims(self, pool: BlockPool, n: int) -> frozenset[bytes] | None:
+        """Among the next victims of a memory tier with tiers below it, those no lower tier (nor the disk queue)
+        holds: evicting one would cost a snapshot copy on the evicting thread, under ``pool``'s lock.
+
+        Movers that put blocks into ``pool`` protect these and take only free or clean room there: pushing a dirty
+        block out would snapshot it under ``pool``'s lock, on the moving thread, while an allocation in the tier
+        above waits. Cleaners always do; evictions do while cleaners run (a dirty bottom then means overload: the
+        victim goes on to the disk queue in one copy, bypassing ``pool``); without cleaners (stepped tests and
+        simulations) evictions keep the plain chain, each tier pushing out its least recent blocks. None: nothing
+        is dirty, or ``pool`` has nothing below it (its victims are dropped without a copy).
+        """
+        below = self.pools[self.pools.index(pool) + 1 :]
+        if not below or pool.storage.persistent or pool.free_blocks() >= n:
+            return None
+        # The window the pool picks unprotected victims from (BlockPool._pick_unprotected): all of it classified.
+        dirty = frozenset(h for h in pool.eviction_candidates(64) if not self._held_below(h, below))
+        return dirty or None
 
     @staticmethod
     def _parents_first(upper: BlockPool, dirty: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
@@ -521,6 +552,12 @@ class OffloadScheduler:
             cause = "write_failed"
         finally:
             inflight.drop(job.hashes)  # after registration: the block is always findable somewhere
+            # The snapshots are written (or given up) and out of the queue: their staging buffers are reused by
+            # the next snapshots (no fresh memory, and its page faults, per demotion), after any reader is done.
+            staging = lower.storage.staging
+            if staging is not None:
+                inflight.recycle(job.data, staging.give)
+                staging.refill()  # here, on the writer: not on the next evicting thread
         if lost:
             self._drop([(h, s) for h, s in lost if not any(h in p for p in self.pools)], cause)
             # Still in memory or not, they did not reach the disk: what was written under them there must go.
@@ -818,7 +855,7 @@ class OffloadScheduler:
     def _copy_down_locked(self, upper: BlockPool, lower: BlockPool, hashes: Sequence[bytes]) -> int:
         held = upper.acquire(hashes)
         try:
-            protect = None
+            protect: AbstractSet[bytes] | None = None
             if held and lower.storage.persistent:
                 parents = upper.parents_of(held)
                 # Ancestors that only memory tiers hold go first, so that the batch's chains reach the disk.
@@ -838,6 +875,8 @@ class OffloadScheduler:
                     parents = [p for i, p in enumerate(parents) if i not in refused]
                 # Writing a chain's tail must not evict its own head there: what finds no other room is left.
                 protect = self._ancestors_on(lower, parents)
+            elif held:
+                protect = self._dirty_victims(lower, len(held))  # clean room only: see _dirty_victims
             if not held:
                 return 0
             dst = lower.allocate_up_to(len(held), protect)

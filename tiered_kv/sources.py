@@ -16,7 +16,7 @@ Two kinds of handles come back from :meth:`MatchSource.match_run`:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -107,8 +107,10 @@ class SnapshotBlock:
         return self.data[layer, outer].clone()
 
     def release(self) -> None:
-        """Mark the handle released."""
-        self._released = True
+        """Mark the handle released (its source may then reuse the snapshot's buffer)."""
+        if not self._released:
+            self._released = True
+            self._pool._readers_done([self.data])
 
 
 class SnapshotSource:
@@ -134,8 +136,16 @@ class SnapshotSource:
 
     def release_blocks(self, blocks: Sequence[Any]) -> None:
         """Mark the handles released."""
+        done = []
         for b in blocks:
-            b._released = True
+            if not b._released:
+                b._released = True
+                done.append(b.data)
+        if done:
+            self._readers_done(done)
+
+    def _readers_done(self, data: list[torch.Tensor]) -> None:
+        """Handles carrying these tensors were released (a source that reuses buffers counts its readers)."""
 
 
 class InflightSource(SnapshotSource):
@@ -149,6 +159,10 @@ class InflightSource(SnapshotSource):
         self.tier = f"{tier}-queue"
         self._lock = threading.Lock()
         self._data: dict[bytes, tuple[torch.Tensor, bytes | None]] = {}
+        # Snapshot buffers are reused once written (see recycle): handed-out handles not yet released, by buffer,
+        # and the buffers whose write is done but whose last reader has not released them yet.
+        self._readers: dict[int, int] = {}
+        self._retired: dict[int, tuple[torch.Tensor, Callable[[list[torch.Tensor]], None]]] = {}
         self._parents: dict[bytes, bytes | None] = {}
         self._children: dict[bytes, set[bytes]] = {}
 
@@ -227,4 +241,36 @@ class InflightSource(SnapshotSource):
                 if expected is not None and entry[1] not in (None, expected[i]):
                     break
                 out.append(SnapshotBlock(self, h, entry[0], entry[1]))
+                key = id(entry[0])
+                self._readers[key] = self._readers.get(key, 0) + 1
         return out
+
+    def _readers_done(self, data: list[torch.Tensor]) -> None:
+        free: list[tuple[torch.Tensor, Callable[[list[torch.Tensor]], None]]] = []
+        with self._lock:
+            for t in data:
+                key = id(t)
+                n = self._readers.get(key, 0) - 1
+                if n > 0:
+                    self._readers[key] = n
+                    continue
+                self._readers.pop(key, None)
+                retired = self._retired.pop(key, None)
+                if retired is not None:
+                    free.append(retired)
+        for t, give in free:
+            give([t])
+
+    def recycle(self, data: Sequence[torch.Tensor], give: Callable[[list[torch.Tensor]], None]) -> None:
+        """Hand snapshot buffers whose write is done (and whose hashes were dropped) back through ``give``, each
+        once no handle from :meth:`match_run` still reads it; until then it waits for its last reader's release.
+        A handle never released keeps its buffer out of reuse (it is freed with the handle)."""
+        now: list[torch.Tensor] = []
+        with self._lock:
+            for t in data:
+                if self._readers.get(id(t), 0) > 0:
+                    self._retired[id(t)] = (t, give)
+                else:
+                    now.append(t)
+        if now:
+            give(now)

@@ -34,18 +34,45 @@ class StagingPool:
         self.pinned = pinned
         self._spare: list[torch.Tensor] = []
         self._max = max(1, max_bytes // model.block_size_bytes)
+        self._warm = 0
         self._lock = threading.Lock()
 
-    def _new(self, n: int) -> list[torch.Tensor]:
+    def _new(self, n: int, touch: bool = False) -> list[torch.Tensor]:
         shape, dtype = self.model.block_shape, self.model.torch_dtype
         if self.pinned:
-            batch = torch.empty((n, *shape), dtype=dtype, pin_memory=True)
+            batch = torch.empty((n, *shape), dtype=dtype, pin_memory=True)  # pinned pages are resident already
         else:
             nbytes = n * self.model.block_size_bytes
             raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+            if touch:
+                raw.fill(0)  # fault the pages in now, not during the copy that will fill them
             start = (-raw.ctypes.data) % _ALIGN
             batch = torch.from_numpy(raw[start : start + nbytes]).view(dtype).reshape(n, *shape)
         return list(batch)
+
+    def spare_count(self) -> int:
+        """Buffers allocated and free to take."""
+        with self._lock:
+            return len(self._spare)
+
+    def keep_warm(self, nbytes: int) -> None:
+        """Keep about ``nbytes`` of spare buffers allocated and faulted in (at most the retained maximum), so that
+        a burst of snapshots copies into resident memory; fills them now. :meth:`refill` tops them up."""
+        self._warm = min(self._max, max(0, nbytes // self.model.block_size_bytes))
+        self.refill()
+
+    def refill(self) -> int:
+        """Allocate (and fault in) spares up to the warm size; returns how many were added. For a background
+        thread (the disk writers call it after each write): the copying threads then find resident buffers."""
+        with self._lock:
+            missing = self._warm - len(self._spare)
+        if missing <= 0:
+            return 0
+        fresh = self._new(missing, touch=True)
+        with self._lock:
+            room = self._max - len(self._spare)
+            self._spare.extend(fresh[: max(0, room)])
+        return len(fresh)
 
     def take(self, n: int) -> list[torch.Tensor]:
         """``n`` buffers (uninitialised: a reused buffer holds an older block's bytes)."""
