@@ -355,3 +355,18 @@ def test_without_cleaners_evictions_keep_the_chain(tmp_path: Path) -> None:
         bm.flush()
         assert all(h in host for h in b) and all(h in disk_pool for h in a)
         assert bm.metrics()["offload"]["per_pair"].get("host->disk", 0) == 2
+
+
+def test_merged_demotion_jobs_count_each_block_under_its_own_tier_pair(tmp_path: Path) -> None:
+    """Jobs queued toward the disk merge into one write; the per-pair counters still name plain pairs (a merged
+    job once named its pair "device->disk+host->disk+...", one new metric label per merge)."""
+    from tiered_kv.offload import _Job, _merge_jobs
+
+    with three_tier(tmp_path, offload=EVICTION_ONLY) as bm:
+        disk_pool = bm.disk()
+        assert disk_pool is not None
+        a = _Job(disk_pool, ["device->disk"] * 2, [b"a" * 16, b"b" * 16], [], [None, None], [None, None], 1.0)
+        b = _Job(disk_pool, ["host->disk"], [b"c" * 16], [], [None], [None], 0.5)
+        merged = _merge_jobs(a, b)
+        assert merged is not None
+        assert merged.pairs == ["device->disk", "device->disk", "host->disk"] and merged.queued_at == 0.5

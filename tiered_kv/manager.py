@@ -326,7 +326,7 @@ class KvBlockManager:
                         b.release()
                 for ev in theirs:
                     ev.wait(5.0)
-                self.scheduler.counters.add(shared_promotions=len(theirs))
+                self.scheduler.counters.add(shared_promotions=len(lower) - len(mine))
                 continue
             try:
                 return self._promote(segments)

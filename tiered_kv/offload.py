@@ -26,7 +26,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
@@ -96,32 +96,34 @@ class PromotionClaims:
         self._claims: dict[bytes, threading.Event] = {}
 
     def claim(self, hashes: Sequence[bytes]) -> tuple[list[bytes], list[threading.Event]]:
-        """Claim the unclaimed hashes; returns (claimed, events of hashes another caller is promoting)."""
+        """Claim the unclaimed hashes; returns (claimed, events of hashes another caller is promoting, one per
+        claim). A claim's hashes share one event: :meth:`done` is called with all of them at once."""
         mine: list[bytes] = []
-        theirs: list[threading.Event] = []
+        theirs: dict[int, threading.Event] = {}
+        event = threading.Event()
         with self._lock:
             for h in hashes:
                 ev = self._claims.get(h)
                 if ev is None:
-                    self._claims[h] = threading.Event()
+                    self._claims[h] = event
                     mine.append(h)
                 else:
-                    theirs.append(ev)
-        return mine, theirs
+                    theirs[id(ev)] = ev
+        return mine, list(theirs.values())
 
     def done(self, hashes: Sequence[bytes]) -> None:
+        """Release a claim (all the hashes :meth:`claim` returned as claimed) and wake whoever waits on it."""
         with self._lock:
-            events = [self._claims.pop(h, None) for h in hashes]
-        for ev in events:
-            if ev is not None:
-                ev.set()
+            events = {id(ev): ev for h in hashes if (ev := self._claims.pop(h, None)) is not None}
+        for ev in events.values():
+            ev.set()
 
 
 def _merge_jobs(a: _Job, b: _Job) -> _Job | None:
     """One job of two queued toward the same tier: one write and one registry commit instead of two."""
     if a.lower is not b.lower:
         return None
-    return _Job(a.lower, a.pair if a.pair == b.pair else f"{a.pair}+{b.pair}", a.hashes + b.hashes, a.data + b.data,
+    return _Job(a.lower, a.pairs + b.pairs, a.hashes + b.hashes, a.data + b.data,
                 a.tokens + b.tokens, a.parents + b.parents, min(a.queued_at, b.queued_at))
 
 
@@ -136,7 +138,7 @@ STAGING_WARM_BYTES = 32 << 20
 @dataclass
 class _Job:
     lower: BlockPool
-    pair: str
+    pairs: list[str]  # per block, the tier pair it moves along ("device->disk"): merged jobs mix them
     hashes: list[bytes]
     data: list[torch.Tensor]  # one snapshot per block, in aligned staging memory: written to disk in place
     tokens: list[bytes | None]
@@ -505,7 +507,7 @@ class OffloadScheduler:
         hashes = [h for h, _ in take]
         toks, pars = upper.lineage_at([s for _, s in take])
         inflight.put(hashes, data, toks, pars)
-        self.queue.put(_Job(lower, pair, hashes, data, toks, pars, time.perf_counter()))
+        self.queue.put(_Job(lower, [pair] * len(hashes), hashes, data, toks, pars, time.perf_counter()))
         return dirty[len(take) :]
 
     def _write(self, job: _Job) -> None:
@@ -544,9 +546,11 @@ class OffloadScheduler:
             cause = "disk_full"
         except Exception as exc:
             if isinstance(exc, TieredKvError):
-                log.exception("writing %d demoted blocks (%s) failed", len(todo), job.pair)
+                log.exception("writing %d demoted blocks (%s) failed", len(todo), ", ".join(sorted(set(job.pairs))))
             else:
-                log.exception("unexpected error writing %d demoted blocks (%s)", len(todo), job.pair)
+                log.exception(
+                    "unexpected error writing %d demoted blocks (%s)", len(todo), ", ".join(sorted(set(job.pairs)))
+                )
             self.counters.add(failed_transfers=len(todo))
             lost += [(h, -1) for _, h in todo]
             cause = "write_failed"
@@ -565,7 +569,8 @@ class OffloadScheduler:
         self.reap()
         if written:
             self.counters.add(demotions=written, bytes_demoted=written * self._block_bytes)
-            self.counters.pair(job.pair, written)
+            for pair, n in Counter(job.pairs[i] for i, _ in todo).items():
+                self.counters.pair(pair, n)
             self.demote_latency.observe(time.perf_counter() - job.queued_at)
 
     def _ancestors_on(self, disk: BlockPool, parents: Iterable[bytes | None]) -> set[bytes]:
