@@ -84,10 +84,13 @@ def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
                 base = f"store alone {store:,.0f} MB/s" + (f", fio psync {fio['median']:,.0f}" if fio else "")
                 what = ("disk pool register + flush" if op == "write" else "fresh manager's match, disk -> host")
                 out.append((f"public {op} {size}: {what}", f"{pub:,.0f} MB/s", base, pub / store))
-        st = pp["allocate_storm"]
-        out.append(("allocate_blocks(4), 2 MiB blocks churning through device 16 / host 32 / disk 512",
-                    f"p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms", f"{st['dropped_demotions']} dropped",
-                    None))
+        for key, what in (("allocate_storm", "one sequence"), ("allocate_storm_chains", "a new sequence per round")):
+            st = pp.get(key)
+            if st is None:
+                continue
+            out.append((f"allocate_blocks(4), 2 MiB blocks churning through device 16 / host 32 / disk 512, {what}",
+                        f"p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms",
+                        f"{st['dropped_demotions']} dropped, {st.get('reaped', 0)} reaped", None))
         sw = pp["swap_256KiB"]
         for k in ("swap_in", "swap_out"):
             out.append((f"{k}, 64 blocks of 256 KiB (CPU tensors)", f"{sw[f'{k}_GBps']:.1f} GB/s",

@@ -112,10 +112,16 @@ def store_alone(directory: Path, model: ModelConfig, n: int, batch: int) -> dict
     return {"write_MBps": size / t_write / 1e6, "read_MBps": size / t_read / 1e6}
 
 
-def allocate_storm(directory: Path, rounds: int, writeback_s: float | None = None) -> dict[str, float]:
+def allocate_storm(
+    directory: Path, rounds: int, writeback_s: float | None = None, chains: bool = False
+) -> dict[str, float]:
     """``device.allocate_blocks(4)`` latency while 2 MiB blocks churn through device 16 / host 32 / disk 512.
 
     ``writeback_s``: the disk tier's background writeback (None: blocks reach the disk only when evicted).
+    ``chains``: every round registers a new 4-block sequence (independent requests) instead of the next 4 blocks
+    of one long sequence. One long sequence soon loses a block the disk has no room for (its ancestors fill the
+    disk and stay protected), and the reaper then drops everything after it: most blocks never move down. With
+    independent sequences every block must reach the disk, so the storm is bound by the disk's bandwidth.
     """
     model = MODELS["2MiB"]
     path = directory / "storm"
@@ -130,18 +136,23 @@ def allocate_storm(directory: Path, rounds: int, writeback_s: float | None = Non
     with KvBlockManager(cfg) as bm:
         device = bm.device()
         assert device is not None
-        hashes = _hashes(bm, rounds * 4, "storm")
+        if chains:
+            per_round = [_hashes(bm, 4, f"storm-{i}") for i in range(rounds)]
+        else:
+            one = _hashes(bm, rounds * 4, "storm")
+            per_round = [one[4 * i : 4 * i + 4] for i in range(rounds)]
         t0 = time.perf_counter()
         for i in range(rounds):
             a = time.perf_counter()
             blocks = device.allocate_blocks(4)
             lat.append(time.perf_counter() - a)
             device.scatter(blocks, data)
-            device.release_blocks(device.register_blocks(blocks, hashes[4 * i : 4 * i + 4]))
+            device.release_blocks(device.register_blocks(blocks, per_round[i]))
         wall = time.perf_counter() - t0
         bm.flush()
         off = bm.metrics()["offload"]
         dropped = off["dropped_demotions"]
+        reaped = off["reaped"]
         moved_down = off["bytes_demoted"] / (rounds * 4 * model.block_size_bytes)
     shutil.rmtree(path, ignore_errors=True)
     lat.sort()
@@ -151,6 +162,7 @@ def allocate_storm(directory: Path, rounds: int, writeback_s: float | None = Non
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
         "blocks_per_s": rounds * 4 / wall,
         "dropped_demotions": dropped,
+        "reaped": reaped,
     }
 
 
@@ -241,6 +253,7 @@ def main() -> None:
             }
         results["allocate_storm"] = allocate_storm(base, 200 if args.quick else 800)
         results["allocate_storm_writeback"] = allocate_storm(base, 200 if args.quick else 800, writeback_s=5.0)
+        results["allocate_storm_chains"] = allocate_storm(base, 200 if args.quick else 800, chains=True)
         results["swap_256KiB"] = swaps(ModelConfig(num_layers=8, inner_dim=1024, page_size=16, dtype="float16"),
                                        64, 5)
         results["bookkeeping_blocks_per_s"] = bookkeeping(16_000 if args.quick else 64_000)
@@ -260,10 +273,12 @@ def main() -> None:
             if fio:
                 line += f"  fio psync {fio['median']:7.0f} ({pub['median'] / fio['median']:.2f}x)"
             print(line)
-    for key, what in (("allocate_storm", "no writeback"), ("allocate_storm_writeback", "writeback_s=5")):
+    for key, what in (("allocate_storm", "one sequence, no writeback"),
+                      ("allocate_storm_writeback", "one sequence, writeback_s=5"),
+                      ("allocate_storm_chains", "a new sequence per round, no writeback")):
         s = results[key]
         print(f"allocate_blocks(4) under the 2 MiB storm, {what}: p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms"
-              f"  ({s['blocks_per_s']:.0f} blocks/s, {s['dropped_demotions']} dropped, "
+              f"  ({s['blocks_per_s']:.0f} blocks/s, {s['dropped_demotions']} dropped, {s['reaped']} reaped, "
               f"{s['bytes_down_per_byte_registered']:.2f} bytes written down per byte registered)")
     w = results["swap_256KiB"]
     print(f"swap_in {w['swap_in_GBps']:.1f} GB/s ({w['swap_in_GBps'] / w['plain_copy_GBps']:.2f}x)  "
