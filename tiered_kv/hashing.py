@@ -401,7 +401,10 @@ def plain_hashes(hashes: Sequence[Any], size: int, argument: str = "hashes") -> 
     Raises:
         ValueError: not a sequence, or an element not bytes-like or of another length (named by ``argument[i]``).
     """
-    if isinstance(hashes, (bytes, bytearray, str)) or not isinstance(hashes, Sequence):
+    kind = type(hashes)
+    if kind is not list and kind is not tuple and (
+        isinstance(hashes, (bytes, bytearray, str)) or not isinstance(hashes, Sequence)
+    ):  # (the ABC check costs a microsecond: lists and tuples skip it)
         raise ValueError(f"{argument}: expected a sequence of hashes, got {type(hashes).__name__}")
     out = list(hashes)
     # Batch checks at C speed; the per-hash path only runs to convert or to name the first bad one.
