@@ -370,3 +370,20 @@ def test_merged_demotion_jobs_count_each_block_under_its_own_tier_pair(tmp_path:
         merged = _merge_jobs(a, b)
         assert merged is not None
         assert merged.pairs == ["device->disk", "device->disk", "host->disk"] and merged.queued_at == 0.5
+
+
+def test_lost_blocks_are_reaped_without_a_manager_call() -> None:
+    """A caller that only uses a pool (no match through the manager, no movers): evicted heads' descendants are
+    still reaped, by the reaper thread, and the lost hashes do not pile up (they grew by one per eviction)."""
+    from tiered_kv.offload import REAP_BACKLOG
+
+    cfg = KvBlockManagerConfig(model=SMALL, device=LayoutConfig(num_blocks=64), device_type="cpu")
+    with KvBlockManager(cfg) as bm:
+        chain = bm.sequence_hashes(list(range(4 * 3 * REAP_BACKLOG)))
+        store(bm, chain, batch=16)  # one chain through 64 slots: every eviction takes a head, the rest is garbage
+        assert bm.scheduler.wait_for_reaper(10.0)
+        assert len(bm.scheduler._lost) < REAP_BACKLOG
+        assert bm.metrics()["offload"]["reaped"] > 0
+        bm.scheduler.reap()  # the last few lost hashes (under the backlog) too: then nothing unreachable is left
+        present = [h in bm.top for h in chain]
+        assert not any(present) or present.index(True) == 0

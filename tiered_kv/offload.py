@@ -131,6 +131,9 @@ def _nowhere(h: bytes) -> bool:
     return False
 
 
+#: Lost hashes (blocks that left every tier) that wake the reaper thread when no mover or match has reaped them.
+REAP_BACKLOG = 1024
+
 #: Spare staging memory kept allocated and faulted in for the snapshots of demotions (see StagingPool.keep_warm).
 STAGING_WARM_BYTES = 32 << 20
 
@@ -200,8 +203,12 @@ class OffloadScheduler:
         self._kicks: list[threading.Event] = []
         self._block_bytes = pools[0].model.block_size_bytes
         self._lost: deque[bytes] = deque()  # hashes that left the hierarchy; their descendants are reaped
+        # Reaping runs on the movers' threads and at matches; callers that only use pools directly (no manager
+        # call, no movers) would let the lost hashes pile up: past REAP_BACKLOG a reaper thread takes them.
+        self._reap_kick = threading.Event()
+        self._reap_done = threading.Condition()  # notified after each pass of the reaper thread
         for pool in pools:
-            pool.set_removal_hook(self._lost.extend)
+            pool.set_removal_hook(self._note_lost)
         for lower in pools[1:]:
             if lower.storage.persistent:
                 self.inflight[lower.tier] = InflightSource(lower.tier)
@@ -243,6 +250,8 @@ class OffloadScheduler:
             for p in self._wb_pools:
                 p.log_registrations(seq, self._wb_kick.set)
             self._spawn(self._writeback_loop, "tiered-kv-writeback")
+        self._kicks.append(self._reap_kick)  # stop() wakes it
+        self._spawn(self._reaper, "tiered-kv-reaper")
         for upper, lower in itertools.pairwise(pools):
             if not upper.storage.persistent and background_cleaning:
                 kick = threading.Event()
@@ -322,6 +331,32 @@ class OffloadScheduler:
             for pool in self.pools:
                 pool.set_stored_handler(partial(write, pool))
 
+    def _note_lost(self, hashes: list[bytes]) -> None:
+        # A pool's removal hook: runs under that pool's lock, so it only records (and wakes the reaper thread).
+        self._lost.extend(hashes)
+        if len(self._lost) >= REAP_BACKLOG:
+            self._reap_kick.set()
+
+    def _reaper(self) -> None:
+        while not self._stop:
+            self._reap_kick.wait()
+            self._reap_kick.clear()
+            if self._stop:
+                return
+            try:
+                self.reap()
+            except TieredKvError as exc:  # a closing tier: the next call (or close) reaps what is left
+                log.debug("reaping failed: %s", exc)
+            except Exception:  # keep the reaper alive; the failure is logged
+                log.exception("reaping failed")
+            with self._reap_done:
+                self._reap_done.notify_all()
+
+    def wait_for_reaper(self, timeout: float) -> bool:
+        """Wait until fewer than ``REAP_BACKLOG`` lost hashes wait for the reaper thread; False on timeout."""
+        with self._reap_done:
+            return self._reap_done.wait_for(lambda: len(self._lost) < REAP_BACKLOG or self._stop, timeout)
+
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
@@ -381,12 +416,13 @@ class OffloadScheduler:
             todo: list[bytes] = []
             while self._lost:
                 todo.append(self._lost.popleft())
-            gone = [h for h in todo if not self._held_anywhere(h)]
+            held = self._held_anywhere_many(todo)
+            gone = [h for h in dict.fromkeys(todo) if h not in held]
             seen: set[bytes] = set()
             frontier = gone
             while frontier:
-                kids = [c for h in frontier for p in self.pools for c in p.children_of(h)]
-                kids += [c for h in frontier for q in self.inflight.values() for c in q.children_of(h)]
+                kids = [c for p in self.pools for c in p.children_of_many(frontier)]
+                kids += [c for q in self.inflight.values() for c in q.children_of_many(frontier)]
                 frontier = [c for c in dict.fromkeys(kids) if c not in seen]
                 seen.update(frontier)
             if seen:
@@ -399,6 +435,24 @@ class OffloadScheduler:
         if dropped:
             self.counters.add(reaped=dropped)
         return dropped
+
+    def _held_anywhere_many(self, hashes: Sequence[bytes]) -> set[bytes]:
+        """Those of ``hashes`` that a tier or a queue holds: :meth:`_held_anywhere` for many, one lock
+        acquisition per pool (top-down, as there)."""
+        held: set[bytes] = set()
+        todo = list(dict.fromkeys(hashes))
+        for p in self.pools:
+            queue = self.inflight.get(p.tier)
+            if queue is not None:
+                held.update(h for h in todo if h in queue)
+                todo = [h for h in todo if h not in held]
+            if not todo:
+                break
+            found = p.holding(todo)
+            if found:
+                held |= found
+                todo = [h for h in todo if h not in found]
+        return held
 
     def _held_anywhere(self, h: bytes) -> bool:
         """Whether a tier or a queue holds ``h``, checked top-down under each pool's lock: a block on its way down
@@ -417,10 +471,11 @@ class OffloadScheduler:
         if disk is None:
             return 0
         queued = self.inflight.get(disk.tier)
-        frontier = [h for h in removed if (queued is None or h not in queued) and not disk.holds(h)]
+        on_disk = disk.holding(removed)
+        frontier = [h for h in removed if (queued is None or h not in queued) and h not in on_disk]
         seen: set[bytes] = set()
         while frontier:
-            kids = [c for h in frontier for c in disk.children_of(h)]
+            kids = disk.children_of_many(frontier)
             frontier = [c for c in dict.fromkeys(kids) if c not in seen]
             seen.update(frontier)
         return disk.invalidate(list(seen)) if seen else 0

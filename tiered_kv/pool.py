@@ -446,6 +446,18 @@ class BlockPool:
                 if not kids:
                     del self._children[par]
 
+    def holding(self, sequence_hashes: Sequence[bytes]) -> set[bytes]:
+        """Those of ``sequence_hashes`` registered here, under the lock (as :meth:`holds`, for many)."""
+        with self._lock:
+            by_hash = self._by_hash
+            return {h for h in sequence_hashes if h in by_hash}
+
+    def children_of_many(self, sequence_hashes: Sequence[bytes]) -> list[bytes]:
+        """Registered hashes of this pool whose parent is one of ``sequence_hashes`` (one lock acquisition)."""
+        with self._lock:
+            children, by_hash = self._children, self._by_hash
+            return [c for h in sequence_hashes for c in children.get(h, ()) if c in by_hash]
+
     def children_of(self, sequence_hash: bytes) -> list[bytes]:
         """Registered hashes of this pool whose parent is ``sequence_hash``."""
         with self._lock:

@@ -192,6 +192,11 @@ class InflightSource(SnapshotSource):
         with self._lock:
             return list(self._children.get(h, ()))
 
+    def children_of_many(self, hashes: Sequence[bytes]) -> list[bytes]:
+        """Queued hashes whose parent is one of ``hashes``."""
+        with self._lock:
+            return [c for h in hashes for c in self._children.get(h, ())]
+
     def parents_of(self, blocks: Sequence[Any]) -> list[bytes | None]:
         """The parents the queued blocks were registered with."""
         with self._lock:
