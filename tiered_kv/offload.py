@@ -412,10 +412,15 @@ class OffloadScheduler:
         if not self._lost:
             return 0
         dropped = 0
+        reaped: set[bytes] = set()  # dropped by this call: they come back through the removal hook, done already
         while self._lost:
             todo: list[bytes] = []
             while self._lost:
-                todo.append(self._lost.popleft())
+                h = self._lost.popleft()
+                if h not in reaped:
+                    todo.append(h)
+            if not todo:
+                break
             held = self._held_anywhere_many(todo)
             gone = [h for h in dict.fromkeys(todo) if h not in held]
             seen: set[bytes] = set()
@@ -426,6 +431,7 @@ class OffloadScheduler:
                 frontier = [c for c in dict.fromkeys(kids) if c not in seen]
                 seen.update(frontier)
             if seen:
+                reaped |= seen
                 orphans = list(seen)
                 for q in self.inflight.values():
                     q.drop(orphans)
