@@ -311,7 +311,7 @@ def test_a_block_written_by_a_nested_ancestor_write_is_not_written_again(tmp_pat
                 fill(b, sh)
             pool.release_blocks(pool.register_blocks(blocks, hs))
         assert p not in device and h not in host
-        bm.persist()  # (its return counts only the outer batch's blocks, not the ancestors it wrote first)
+        assert bm.persist() == 3  # every block counted once: the nested ancestor writes too
         pairs = bm.metrics()["offload"]["per_pair"]
         assert pairs.get("device->disk", 0) == 2 and pairs.get("host->disk", 0) == 1  # each block written once
         assert all(sh in disk for sh in (h, p, x))
@@ -387,3 +387,17 @@ def test_lost_blocks_are_reaped_without_a_manager_call() -> None:
         bm.scheduler.reap()  # the last few lost hashes (under the backlog) too: then nothing unreachable is left
         present = [h in bm.top for h in chain]
         assert not any(present) or present.index(True) == 0
+
+
+def test_persist_counts_the_ancestors_it_writes_first(tmp_path: Path) -> None:
+    """A chain whose head sits in the host and tail in the device: persist() writes the head first (so the chain
+    reaches the disk) and counts it (it returned only the tail's count)."""
+    with three_tier(tmp_path, device=2, host=4, offload=EVICTION_ONLY) as bm:
+        disk_pool = bm.disk()
+        assert disk_pool is not None
+        chain = bm.sequence_hashes(list(range(4 * 4)))
+        store(bm, chain)  # the first two go down to the host when the last two arrive
+        assert all(h in bm.host() for h in chain[:2]) and all(h in bm.top for h in chain[2:])  # type: ignore[operator]
+        assert not any(h in disk_pool for h in chain)
+        assert bm.persist() == 4
+        assert all(h in disk_pool for h in chain)

@@ -896,7 +896,8 @@ class OffloadScheduler:
         """Copy the blocks of ``hashes`` that ``upper`` holds into ``lower`` while they stay in ``upper``.
 
         The blocks are held during the copy (matchable, never evicted mid-copy); as many as ``lower`` has room
-        for are copied, in one batch. Returns how many were registered below.
+        for are copied, in one batch. Into a persistent tier, ancestors that only memory tiers hold go first.
+        Returns how many blocks were registered below, those ancestors included.
         """
         with self._copy_locks[lower.tier]:
             idle = self._copies_idle.setdefault(upper.tier, threading.Event())
@@ -920,12 +921,13 @@ class OffloadScheduler:
 
     def _copy_down_locked(self, upper: BlockPool, lower: BlockPool, hashes: Sequence[bytes]) -> int:
         held = upper.acquire(hashes)
+        ancestors = 0  # written first, so that the batch's chains reach the disk: counted as written too
         try:
             protect: AbstractSet[bytes] | None = None
             if held and lower.storage.persistent:
                 parents = upper.parents_of(held)
                 # Ancestors that only memory tiers hold go first, so that the batch's chains reach the disk.
-                self._write_ancestors(lower, parents, {b.sequence_hash for b in held})
+                ancestors = self._write_ancestors(lower, parents, {b.sequence_hash for b in held})
                 # A nested ancestor write may have written blocks of this batch already (the ancestor of an
                 # ancestor can lie in the batch): they are on disk now, and are not written twice.
                 done = {i for i, b in enumerate(held) if b.sequence_hash in lower}
@@ -944,11 +946,11 @@ class OffloadScheduler:
             elif held:
                 protect = self._dirty_victims(lower, len(held))  # clean room only: see _dirty_victims
             if not held:
-                return 0
+                return ancestors
             dst = lower.allocate_up_to(len(held), protect)
             held_now = held[: len(dst)]
             if not dst:
-                return 0
+                return ancestors
             # The sources stay held until their copies are registered below: the copy may borrow their slots.
             bad = set(self.copy(upper, held_now, lower, dst, borrow=True, count=False))
             good = [(b, d) for i, (b, d) in enumerate(zip(held_now, dst)) if i not in bad]
@@ -963,7 +965,7 @@ class OffloadScheduler:
             n_ok = len(good)
             self.counters.add(demotions=n_ok, bytes_demoted=n_ok * self._block_bytes)
             self.counters.pair(f"{upper.tier}->{lower.tier}", n_ok)
-            return n_ok
+            return ancestors + n_ok
         finally:
             upper.release_blocks(held, as_victims=True)  # copied down, not used: they stay the next victims
 
