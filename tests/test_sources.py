@@ -91,8 +91,8 @@ def test_queued_snapshot_buffers_are_reused_only_after_their_last_reader() -> No
     assert len(given) == 2 and given[1] is a
     held.release()  # idempotent: the buffer is not given twice
     assert len(given) == 2
-    (again,) = [SnapshotBlock(q, b"x" * 16, a, None)]  # a handle the source never counted: releasing gives nothing
-    again.release()
+    uncounted = SnapshotBlock(q, b"x" * 16, a, None)  # a handle the source never handed out: releasing gives nothing
+    uncounted.release()
     assert len(given) == 2
 
 

@@ -39,7 +39,7 @@ import torch
 from .blocks import ImmutableBlock, MutableBlock
 from .errors import DiskFullError, TieredKvError
 from .metrics import LatencyHistogram
-from .pool import BlockPool
+from .pool import PICK_WINDOW, BlockPool
 from .sources import InflightSource, MatchSource, SnapshotBlock, SnapshotSource
 from .transfer import TransferStreams, copy_between, copy_slots, snapshot_slots
 from .workqueue import WorkQueue
@@ -443,8 +443,9 @@ class OffloadScheduler:
         return dropped
 
     def _held_anywhere_many(self, hashes: Sequence[bytes]) -> set[bytes]:
-        """Those of ``hashes`` that a tier or a queue holds: :meth:`_held_anywhere` for many, one lock
-        acquisition per pool (top-down, as there)."""
+        """Those of ``hashes`` that a tier or a queue holds, checked top-down under each pool's lock (one
+        acquisition per pool): a block on its way down (an eviction handler runs under the upper pool's lock) is
+        found in the tier it moves to."""
         held: set[bytes] = set()
         todo = list(dict.fromkeys(hashes))
         for p in self.pools:
@@ -459,16 +460,6 @@ class OffloadScheduler:
                 held |= found
                 todo = [h for h in todo if h not in found]
         return held
-
-    def _held_anywhere(self, h: bytes) -> bool:
-        """Whether a tier or a queue holds ``h``, checked top-down under each pool's lock: a block on its way down
-        (an eviction handler runs under the upper pool's lock) is found in the tier it moves to."""
-        for p in self.pools:
-            if p.tier in self.inflight and h in self.inflight[p.tier]:
-                return True
-            if p.holds(h):
-                return True
-        return False
 
     def _reap_disk(self, removed: Sequence[bytes]) -> int:
         """Keep the disk tier prefix-closed on its own: the disk descendants of blocks that left the disk (even
@@ -528,7 +519,9 @@ class OffloadScheduler:
         if not below or pool.storage.persistent or pool.free_blocks() >= n:
             return None
         # The window the pool picks unprotected victims from (BlockPool._pick_unprotected): all of it classified.
-        dirty = frozenset(h for h in pool.eviction_candidates(64) if not self._held_below(h, below))
+        dirty = frozenset(
+            h for h in pool.eviction_candidates(PICK_WINDOW) if not self._held_below(h, below)
+        )
         return dirty or None
 
     @staticmethod
@@ -606,12 +599,11 @@ class OffloadScheduler:
             lost += [(h, -1) for _, h in todo]
             cause = "disk_full"
         except Exception as exc:
+            pairs = ", ".join(sorted(set(job.pairs)))
             if isinstance(exc, TieredKvError):
-                log.exception("writing %d demoted blocks (%s) failed", len(todo), ", ".join(sorted(set(job.pairs))))
+                log.exception("writing %d demoted blocks (%s) failed", len(todo), pairs)
             else:
-                log.exception(
-                    "unexpected error writing %d demoted blocks (%s)", len(todo), ", ".join(sorted(set(job.pairs)))
-                )
+                log.exception("unexpected error writing %d demoted blocks (%s)", len(todo), pairs)
             self.counters.add(failed_transfers=len(todo))
             lost += [(h, -1) for _, h in todo]
             cause = "write_failed"

@@ -53,6 +53,9 @@ _REGISTERED = 2
 _DOOMED = 3  # dropped from the index while still referenced; freed at the last release
 _PARENT_TYPES = frozenset({bytes, type(None)})
 
+#: How many of the policy's next candidates a protected eviction looks through for a victim (_pick_unprotected).
+PICK_WINDOW = 64
+
 
 class BlockState(IntEnum):
     """State of a slot, in priority order: PINNED > CACHED > ALLOCATED > FREE.
@@ -394,7 +397,7 @@ class BlockPool:
         """
         policy = self.policy
         skip = taken | protect if protect else taken
-        for c in policy.candidates(64):
+        for c in policy.candidates(PICK_WINDOW):
             if not isinstance(c, bytes) or c in taken:
                 continue
             if self._persistent:
@@ -460,8 +463,7 @@ class BlockPool:
 
     def children_of(self, sequence_hash: bytes) -> list[bytes]:
         """Registered hashes of this pool whose parent is ``sequence_hash``."""
-        with self._lock:
-            return [c for c in self._children.get(sequence_hash, ()) if c in self._by_hash]
+        return self.children_of_many([sequence_hash])
 
     def evict_inactive(self, count: int) -> list[tuple[bytes, int]]:
         """Evict up to ``count`` inactive blocks now and free their slots (used by ``trigger_eviction``)."""

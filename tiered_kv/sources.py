@@ -189,8 +189,7 @@ class InflightSource(SnapshotSource):
 
     def children_of(self, h: bytes) -> list[bytes]:
         """Queued hashes whose parent is ``h``."""
-        with self._lock:
-            return list(self._children.get(h, ()))
+        return self.children_of_many([h])
 
     def children_of_many(self, hashes: Sequence[bytes]) -> list[bytes]:
         """Queued hashes whose parent is one of ``hashes``."""

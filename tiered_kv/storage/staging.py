@@ -70,9 +70,9 @@ class StagingPool:
             return 0
         fresh = self._new(missing, touch=True)
         with self._lock:
-            room = self._max - len(self._spare)
-            self._spare.extend(fresh[: max(0, room)])
-        return len(fresh)
+            kept = fresh[: max(0, self._max - len(self._spare))]  # buffers given back meanwhile may fill it
+            self._spare.extend(kept)
+        return len(kept)
 
     def take(self, n: int) -> list[torch.Tensor]:
         """``n`` buffers (uninitialised: a reused buffer holds an older block's bytes)."""
