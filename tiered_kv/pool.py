@@ -57,6 +57,44 @@ _PARENT_TYPES = frozenset({bytes, type(None)})
 PICK_WINDOW = 64
 
 
+def _kids(children: dict[bytes, bytes | set[bytes]], parent: bytes) -> tuple[bytes, ...] | set[bytes]:
+    """The children recorded under ``parent`` (see ``BlockPool._children``), as an iterable."""
+    kids = children.get(parent)
+    if kids is None:
+        return ()
+    return (kids,) if isinstance(kids, bytes) else kids
+
+
+def _add_child(children: dict[bytes, bytes | set[bytes]], parent: bytes, child: bytes) -> None:
+    kids = children.get(parent)
+    if kids is None:
+        children[parent] = child
+    elif isinstance(kids, bytes):
+        if kids != child:
+            children[parent] = {kids, child}
+    else:
+        kids.add(child)
+
+
+def _drop_child(children: dict[bytes, bytes | set[bytes]], parent: bytes, child: bytes) -> None:
+    kids = children.get(parent)
+    if kids is None:
+        return
+    if isinstance(kids, bytes):
+        if kids == child:
+            del children[parent]
+    else:
+        _drop_from_set(children, parent, kids, child)
+
+
+def _drop_from_set(children: dict[bytes, bytes | set[bytes]], parent: bytes, kids: set[bytes], child: bytes) -> None:
+    kids.discard(child)
+    if len(kids) == 1:
+        children[parent] = next(iter(kids))  # back to the single-child form
+    elif not kids:
+        del children[parent]
+
+
 class BlockState(IntEnum):
     """State of a slot, in priority order: PINNED > CACHED > ALLOCATED > FREE.
 
@@ -121,7 +159,9 @@ class BlockPool:
         self._tokens: list[bytes | None] = [None] * n
         # Each registered block's parent (the previous block of its sequence; None: a chain head or unknown).
         self._parents: list[bytes | None] = [None] * n
-        self._children: dict[bytes, set[bytes]] = {}  # parent hash -> registered hashes here that name it
+        # Parent hash -> the registered hashes here that name it: the one child itself (a chain, the common case:
+        # no set object per block), or a set of two or more. See _kids / _add_child / _drop_child.
+        self._children: dict[bytes, bytes | set[bytes]] = {}
         # Registrations a writeback wants to see, as (sequence number, hash), when one is attached.
         self._written_log: deque[tuple[int, bytes]] | None = None
         self._log_seq: Callable[[], int] | None = None
@@ -349,9 +389,11 @@ class BlockPool:
             if par is not None:  # _unlink, inline
                 kids = children.get(par)
                 if kids is not None:
-                    kids.discard(h)
-                    if not kids:
-                        del children[par]
+                    if isinstance(kids, bytes):
+                        if kids == h:
+                            del children[par]
+                    else:
+                        _drop_from_set(children, par, kids, h)
             state[slot] = _FREE
         if not victims:
             return victims
@@ -413,7 +455,7 @@ class BlockPool:
 
     def _has_children_here(self, h: bytes) -> bool:
         by_hash = self._by_hash
-        return any(c in by_hash for c in self._children.get(h, ()))
+        return any(c in by_hash for c in _kids(self._children, h))
 
     def refused(self, hashes: Sequence[bytes], parents: Sequence[bytes | None]) -> set[int]:
         """Indices of blocks this tier would refuse as orphans right now (see ``set_parent_lookup``): movers leave
@@ -428,7 +470,7 @@ class BlockPool:
         node = head
         while True:
             nxt = None
-            for c in children.get(node, ()):
+            for c in _kids(children, node):
                 slot = by_hash.get(c)
                 if slot is not None and c not in taken and not refs[slot] and not pins[slot] and (
                     state[slot] == _REGISTERED
@@ -443,11 +485,7 @@ class BlockPool:
         """Forget ``h`` as its parent's child (it left this pool). Lock held."""
         par = self._parents[slot]
         if par is not None:
-            kids = self._children.get(par)
-            if kids is not None:
-                kids.discard(h)
-                if not kids:
-                    del self._children[par]
+            _drop_child(self._children, par, h)
 
     def holding(self, sequence_hashes: Sequence[bytes]) -> set[bytes]:
         """Those of ``sequence_hashes`` registered here, under the lock (as :meth:`holds`, for many)."""
@@ -459,7 +497,7 @@ class BlockPool:
         """Registered hashes of this pool whose parent is one of ``sequence_hashes`` (one lock acquisition)."""
         with self._lock:
             children, by_hash = self._children, self._by_hash
-            return [c for h in sequence_hashes for c in children.get(h, ()) if c in by_hash]
+            return [c for h in sequence_hashes for c in _kids(children, h) if c in by_hash]
 
     def children_of(self, sequence_hash: bytes) -> list[bytes]:
         """Registered hashes of this pool whose parent is ``sequence_hash``."""
@@ -759,7 +797,10 @@ class BlockPool:
                 if par is not None:
                     kids = children.get(par)
                     if kids is None:
-                        children[par] = {h}
+                        children[par] = h
+                    elif isinstance(kids, bytes):
+                        if kids != h:
+                            children[par] = {kids, h}
                     else:
                         kids.add(h)
                 state[slot] = _REGISTERED
@@ -1238,7 +1279,7 @@ class BlockPool:
                 par = rest[0] if rest else None
                 self._parents[slot] = par
                 if par is not None:
-                    self._children.setdefault(par, set()).add(h)
+                    _add_child(self._children, par, h)
                 self._state[slot] = _REGISTERED
                 self.policy.insert(h, True)
             self._free = [s for s in range(self._n - 1, -1, -1) if s not in used]
