@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
+from ._gc import gc_paused
 from .blocks import ImmutableBlock, MutableBlock
 from .config import KvBlockManagerConfig
 from .errors import (
@@ -58,6 +59,10 @@ if TYPE_CHECKING:
 __all__ = ["KvBlockManager", "UnclosedManagerWarning"]
 
 log = logging.getLogger("tiered_kv")
+
+#: Matches of at least this many hashes run with the cyclic GC paused (tiered_kv._gc): they may promote thousands
+#: of blocks, each building short-lived handles, views and I/O ops that the collector would otherwise traverse.
+GC_PAUSE_MIN_BLOCKS = 256
 
 TIERS = ("device", "host", "disk")
 
@@ -311,6 +316,13 @@ class KvBlockManager:
         top = self._order[0]
         hashes = top.validate_hashes(hashes, "hashes")
         expected = top.expected_tokens(tokens, len(hashes))
+        if len(hashes) < GC_PAUSE_MIN_BLOCKS:
+            return self._match(hashes, expected)
+        with gc_paused():  # a long prefix builds a few short-lived objects per block: see tiered_kv._gc
+            return self._match(hashes, expected)
+
+    def _match(self, hashes: list[bytes], expected: list[bytes] | None) -> list[ImmutableBlock]:
+        top = self._order[0]
         for _attempt in range(4):
             segments = self._find(hashes, expected)
             if len(self._sources) == 1 or all(ti == 0 for ti, _ in segments):

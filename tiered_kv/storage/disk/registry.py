@@ -19,8 +19,6 @@ boundary by :func:`tiered_kv.storage.disk._errors.translated`: ``MapFullError`` 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
@@ -29,6 +27,7 @@ from typing import Any, NamedTuple, cast
 import lmdb
 import msgpack
 
+from ..._gc import gc_paused
 from ...errors import DiskTierError
 from ._errors import translated
 
@@ -165,18 +164,6 @@ def read_tier_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 _META_KEY = b"meta"
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while building millions of small containers (its passes would dominate)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class Registry:
