@@ -133,3 +133,29 @@ def test_arc_candidates_are_the_next_victims_in_order() -> None:
         want = policy.candidates(4)
         got = [policy.evict() for _ in range(4)]
         assert want == got
+
+
+def test_a_disk_read_lands_in_host_byte_rows_without_a_tensor_per_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk -> host promotion reads straight into the arena's numpy byte rows: no slot_view tensor is built per
+    block (microseconds each), and the bytes arrive verified."""
+    from tiered_kv.storage.memory import TensorArena
+
+    data = torch.randn((8, *BIG.block_shape)).to(BIG.torch_dtype)
+    cfg = KvBlockManagerConfig(model=BIG, host=LayoutConfig(num_blocks=8), disk=_disk(tmp_path), device_type="cpu")
+    with KvBlockManager(cfg) as bm:
+        pool = bm.disk()
+        assert pool is not None
+        hs = bm.sequence_hashes(list(range(8 * 16)))
+        blocks = pool.allocate_blocks(8)
+        pool.scatter(blocks, data)
+        pool.release_blocks(pool.register_blocks(blocks, hs))
+        views: list[int] = []
+        real = TensorArena.slot_view
+        monkeypatch.setattr(TensorArena, "slot_view", lambda self, slot: views.append(slot) or real(self, slot))
+        got = bm.match_sequence_hashes(hs)
+        assert [b.tier for b in got] == ["host"] * 8 and views == []
+        for i, b in enumerate(got):
+            assert torch.equal(block_data(b, BIG), data[i])
+        bm.top.release_blocks(got)

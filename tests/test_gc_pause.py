@@ -73,7 +73,7 @@ def test_overlapping_pauses_stop_pausing_past_the_bound(monkeypatch: pytest.Monk
 
 
 def test_a_long_match_promotes_from_disk_with_the_collector_paused(tmp_path: Path) -> None:
-    n = GC_PAUSE_MIN_BLOCKS
+    n = 2 * GC_PAUSE_MIN_BLOCKS
     cfg = KvBlockManagerConfig(
         model=SMALL,
         host=LayoutConfig(num_blocks=n),
@@ -101,11 +101,14 @@ def test_a_long_match_promotes_from_disk_with_the_collector_paused(tmp_path: Pat
         try:
             short = bm.match_sequence_hashes(hs[: n // 4])  # below the threshold: the collector may run
             bm.top.release_blocks(short)
+            gc.collect()  # the young generation starts empty: only what the match allocates could trigger a pass
             collections.clear()
             got = bm.match_sequence_hashes(hs)
         finally:
             gc.callbacks.remove(seen)
-        assert collections == []  # thousands of short-lived objects, and not one collection pass
+        # Thousands of short-lived objects, and no pass while the match ran: at most the one young-generation pass
+        # of what outlived the pause, as the collector comes back on at its end.
+        assert collections in ([], [0]), collections
         assert gc.isenabled()
         assert [b.sequence_hash for b in got] == hs and all(b.tier == "host" for b in got)
         for b in got:

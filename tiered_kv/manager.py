@@ -312,17 +312,20 @@ class KvBlockManager:
             ValueError: a hash has the wrong type or length.
         """
         self._check_open()
+        try:
+            n = len(hashes)
+        except TypeError:
+            n = 0  # validate_hashes refuses it below
+        if n < GC_PAUSE_MIN_BLOCKS:
+            return self._match(hashes, tokens)
+        with gc_paused():  # a long prefix builds a few short-lived objects per block: see tiered_kv._gc
+            return self._match(hashes, tokens)
+
+    def _match(self, sequence_hashes: Sequence[bytes], tokens: Any) -> list[ImmutableBlock]:
         self.scheduler.reap()  # descendants of blocks that left every tier go before they can be looked up
         top = self._order[0]
-        hashes = top.validate_hashes(hashes, "hashes")
+        hashes = top.validate_hashes(sequence_hashes, "hashes")
         expected = top.expected_tokens(tokens, len(hashes))
-        if len(hashes) < GC_PAUSE_MIN_BLOCKS:
-            return self._match(hashes, expected)
-        with gc_paused():  # a long prefix builds a few short-lived objects per block: see tiered_kv._gc
-            return self._match(hashes, expected)
-
-    def _match(self, hashes: list[bytes], expected: list[bytes] | None) -> list[ImmutableBlock]:
-        top = self._order[0]
         for _attempt in range(4):
             segments = self._find(hashes, expected)
             if len(self._sources) == 1 or all(ti == 0 for ti, _ in segments):

@@ -29,6 +29,7 @@ from collections.abc import Set as AbstractSet
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .blocks import ImmutableBlock, MutableBlock, _Block
@@ -1113,8 +1114,9 @@ class BlockPool:
             )
         return data, bad
 
-    def read_into(self, blocks: Sequence[_Block], outs: Sequence[torch.Tensor]) -> list[int]:
-        """Read held blocks straight into ``outs`` (one contiguous block tensor each, e.g. another tier's slots).
+    def read_into(self, blocks: Sequence[_Block], outs: Sequence[torch.Tensor] | Sequence[np.ndarray]) -> list[int]:
+        """Read held blocks straight into ``outs`` (one contiguous block tensor each, e.g. another tier's slots, or
+        one numpy byte row each where the storage ``reads_into_rows``).
 
         For storages that do I/O (``storage.persistent``). Returns the indices that failed verification; those
         blocks are dropped from this pool and counted as corrupt, as :meth:`gather` does.

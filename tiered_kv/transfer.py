@@ -119,14 +119,15 @@ def _copy(
             return []
     reads_here = dst_store.device.type == "cpu" or (src_store is not None and src_store.accepts_cuda)
     if dst_store.direct_slots and reads_here:
-        outs = [dst_store.slot_view(b.block_id) for b in dst]
         if snapshots:
             non_blocking = dst_store.device.type == "cuda"
-            for o, b in zip(outs, src):
-                o.copy_(b.data, non_blocking=non_blocking)
+            for b, s in zip(dst, src):
+                dst_store.slot_view(b.block_id).copy_(s.data, non_blocking=non_blocking)
             return []
         if src_store is not None and src_store.persistent:
-            return src_pool.read_into(src, outs)
+            if src_store.reads_into_rows and dst_store.has_byte_rows:  # host memory: no tensor view per block
+                return src_pool.read_into(src, dst_store.byte_rows([b.block_id for b in dst]))
+            return src_pool.read_into(src, [dst_store.slot_view(b.block_id) for b in dst])
     # A storage that can read straight into GPU memory (the disk tier through kvikio/GDS) gets a CUDA buffer.
     out = None
     if dst_store.device.type == "cuda" and src_store is not None and src_store.accepts_cuda:

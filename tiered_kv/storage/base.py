@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -39,6 +40,10 @@ class BlockStorage(ABC):
     direct_slots: bool = False
     #: :meth:`read_into` may target CUDA memory (the disk tier through kvikio / GPUDirect Storage).
     accepts_cuda: bool = False
+    #: :meth:`read_into` also takes one 1-D uint8 numpy array per block (another storage's :meth:`byte_rows`).
+    reads_into_rows: bool = False
+    #: :meth:`byte_rows` returns each slot's bytes as a numpy row (a fully_contiguous arena in host memory).
+    has_byte_rows: bool = False
     #: Reused aligned host buffers for bytes on their way to this storage (persistent storages).
     staging: StagingPool | None = None
 
@@ -66,7 +71,13 @@ class BlockStorage(ABC):
         """The slot's bytes as one contiguous ``[layers, outer, page, inner]`` tensor (when ``direct_slots``)."""
         raise NotImplementedError(f"the {self.tier} storage has no direct slot views")
 
-    def read_into(self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
+    def byte_rows(self, slots: Sequence[int]) -> list[np.ndarray]:
+        """Each slot's bytes as a writable 1-D uint8 numpy array, no copy (when ``has_byte_rows``)."""
+        raise NotImplementedError(f"the {self.tier} storage has no byte rows")
+
+    def read_into(
+        self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor] | Sequence[np.ndarray]
+    ) -> list[int]:
         """Read slots straight into ``out`` (one contiguous block tensor each); returns failed indices."""
         raise NotImplementedError(f"the {self.tier} storage does not read by I/O")
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import KvBlockManagerConfig
@@ -45,6 +47,7 @@ class DiskBlockStorage(BlockStorage):
         self.device = torch.device("cpu")
         self.staging = StagingPool(self.model, pinned=pinned)
         self.accepts_cuda = bool(store.backend.accepts_cuda)  # reads land straight in GPU memory (kvikio)
+        self.reads_into_rows = True  # DiskStore.read_into takes numpy rows (as tensors for a tensor-only backend)
         # slot -> (bytes to write, owned): owned buffers come from the staging pool and go back to it; borrowed
         # ones are views the mover guarantees stay intact until the block is registered (see stage_views).
         self._stage: dict[int, tuple[torch.Tensor, bool]] = {}
@@ -164,7 +167,9 @@ class DiskBlockStorage(BlockStorage):
             out = self.store.alloc_blocks(len(slots))
         return out, self.read_into(slots, out)
 
-    def read_into(self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
+    def read_into(
+        self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor] | Sequence[np.ndarray]
+    ) -> list[int]:
         """Read blocks straight into ``out`` (a batch, or one destination tensor per block); returns the indices
         that failed verification (dropped from the store). A closed store raises DiskTierError."""
         try:
@@ -173,7 +178,7 @@ class DiskBlockStorage(BlockStorage):
             if self.store.closed:
                 raise
             # A slot lost its row under us (another reader found it corrupt): read one by one, mark the lost.
-            dests = [out[i] for i in range(len(slots))]
+            dests: list[Any] = [out[i] for i in range(len(slots))]
             bad = []
             for i, s in enumerate(slots):
                 try:

@@ -147,6 +147,29 @@ class BackendConformance:
             assert rows[h].checksum == xxhash.xxh3_64_intdigest(flat[i].numpy().tobytes())
         assert store.read_blocks(list(range(12)))[1] == []
 
+    def test_reads_into_host_byte_rows(self, store: DiskStore) -> None:
+        # One 1-D uint8 numpy row per block (a host arena's TensorArena.byte_rows): read in place, verified, for a
+        # backend that takes numpy buffers and, converted, for one that takes tensors only.
+        import numpy as np
+
+        hashes = [seq_hash("rows", i) for i in range(10)]
+        data = blocks_for(hashes, MODEL)
+        store.write_blocks(hashes, list(range(20, 30)), data)
+        arena = np.zeros((12, MODEL.block_size_bytes), dtype=np.uint8)
+        order = [9, 0, 4, 7]
+        bad = store.read_into([20 + i for i in order], [arena[k] for k in range(4)])
+        assert bad == []
+        want = data.contiguous().view(torch.uint8).reshape(10, -1)
+        for k, i in enumerate(order):
+            assert same(torch.from_numpy(arena[k]), want[i])
+        assert not arena[4:].any()  # nothing written outside the rows handed over
+        with pytest.raises(DiskTierError, match="1-D uint8 array"):
+            store.read_into([20], [np.zeros(MODEL.block_size_bytes - 1, dtype=np.uint8)])
+        with pytest.raises(DiskTierError, match="1-D uint8 array"):
+            store.read_into([20], [np.zeros(MODEL.block_size_bytes, dtype=np.int16)])
+        with pytest.raises(DiskTierError, match="1-D uint8 array"):
+            store.read_into([20], [np.zeros(2 * MODEL.block_size_bytes, dtype=np.uint8)[::2]])  # strided
+
     def test_many_slots_and_entries(self, store: DiskStore) -> None:
         hashes = [seq_hash("many", i) for i in range(64)]
         for start in range(0, 64, 16):

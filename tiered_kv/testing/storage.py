@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -135,11 +136,23 @@ class _Model:
             v = s.slot_view(slot)
             assert tuple(v.shape) == tuple(model.block_shape) and v.is_contiguous()
             assert same(v.cpu(), want), f"slot_view({slot}) differs"
+        if s.has_byte_rows:
+            (row,) = s.byte_rows([slot])
+            assert row.dtype == np.uint8 and row.shape == (model.block_size_bytes,) and row.flags.c_contiguous
+            assert same(torch.from_numpy(row.copy()), want.contiguous().view(torch.uint8).reshape(-1)), (
+                f"byte_rows([{slot}]) differs"
+            )
         if s.persistent:
             batch = torch.empty((1, *model.block_shape), dtype=model.torch_dtype)
             assert s.read_into([slot], batch) == [] and same(batch[0], want), f"read_into([{slot}]) differs"
             one = torch.empty(model.block_shape, dtype=model.torch_dtype)
             assert s.read_into([slot], [one]) == [] and same(one, want), f"read_into([{slot}], [t]) differs"
+            if s.reads_into_rows:
+                row = np.zeros(model.block_size_bytes, dtype=np.uint8)
+                assert s.read_into([slot], [row]) == [], f"read_into([{slot}], [row]) failed"
+                assert same(torch.from_numpy(row), want.contiguous().view(torch.uint8).reshape(-1)), (
+                    f"read_into([{slot}], [row]) differs"
+                )
 
 
 class BlockStorageTests:
@@ -181,6 +194,13 @@ class BlockStorageTests:
         if not storage.direct_slots:
             with pytest.raises((NotImplementedError, ValueError)):
                 storage.slot_view(0)
+        if storage.reads_into_rows:
+            assert storage.persistent, "reads_into_rows is about read_into, which only persistent storages have"
+        if storage.has_byte_rows:
+            assert storage.direct_slots and storage.device.type == "cpu", "byte rows are host memory, one per slot"
+        else:
+            with pytest.raises((NotImplementedError, ValueError)):
+                storage.byte_rows([0])
 
     # -- round trips -----------------------------------------------------------------------------------------------
     @pytest.mark.parametrize("how", WRITE_PATHS)

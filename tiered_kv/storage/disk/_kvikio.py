@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .backend import DirtyFiles, DiskBackend, IoOp
+from .backend import DirtyFiles, DiskBackend, IoOp, buffer_tensor
 
 __all__ = ["KvikioBackend", "kvikio_unavailable_reason"]
 
@@ -101,10 +101,11 @@ class KvikioBackend(DiskBackend):
         futures: list[tuple[int, Any, int]] = []
         for i, op in enumerate(ops):
             f = self._files[op.file_index]
-            size = op.buffer.numel()
+            buf = buffer_tensor(op.buffer)
+            size = buf.numel()
             try:
                 call = f.pwrite if write else f.pread
-                futures.append((i, call(_as_kvikio_buffer(op.buffer), size, op.offset), size))
+                futures.append((i, call(_as_kvikio_buffer(buf), size, op.offset), size))
             except Exception as exc:
                 results[i] = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
         # Wait for every submitted op, even after a failure: the caller may reuse buffers on return.

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .backend import SLOT_ALIGNMENT, DirtyFiles, DiskBackend, IoOp, round_up
+from .backend import SLOT_ALIGNMENT, ChecksumFn, DirtyFiles, DiskBackend, IoOp, round_up
 
 __all__ = ["PosixBackend", "aligned_empty", "probe_direct_io"]
 
@@ -95,6 +95,11 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         offset += done
 
 
+def _host_array(buf: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An op's buffer as a numpy array (no copy)."""
+    return buf if isinstance(buf, np.ndarray) else buf.numpy()
+
+
 def _pread_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         done = os.preadv(fd, [view], offset)
@@ -115,6 +120,7 @@ class PosixBackend(DiskBackend):
 
     name = "posix"
     accepts_cuda = False
+    accepts_numpy = True
 
     def __init__(self, *, direct: bool | None = None, max_workers: int = 8) -> None:
         if max_workers < 1:
@@ -188,7 +194,7 @@ class PosixBackend(DiskBackend):
         return arr.ctypes.data % SLOT_ALIGNMENT == 0 and arr.nbytes % SLOT_ALIGNMENT == 0
 
     def _write_one(self, op: IoOp) -> None:
-        arr = op.buffer.numpy()
+        arr = _host_array(op.buffer)
         fd = self._fds[op.file_index]
         if self.direct_io and not self._is_aligned(arr):
             n = arr.nbytes
@@ -200,7 +206,7 @@ class PosixBackend(DiskBackend):
             _pwrite_all(fd, arr.data, op.offset)
 
     def _read_one(self, op: IoOp) -> None:
-        arr = op.buffer.numpy()
+        arr = _host_array(op.buffer)
         fd = self._fds[op.file_index]
         if self.direct_io and not self._is_aligned(arr):
             n = arr.nbytes
@@ -216,8 +222,12 @@ class PosixBackend(DiskBackend):
         if pool is None:
             raise OSError(errno.EBADF, "disk backend is closed")
         for op in ops:
-            if op.buffer.device.type != "cpu" or op.buffer.dtype != torch.uint8 or op.buffer.dim() != 1:
-                raise ValueError("posix backend buffers must be 1-D CPU uint8 tensors")
+            b = op.buffer
+            if isinstance(b, np.ndarray):
+                if b.dtype != np.uint8 or b.ndim != 1:
+                    raise ValueError("posix backend buffers must be 1-D uint8 arrays or CPU tensors")
+            elif b.device.type != "cpu" or b.dtype != torch.uint8 or b.dim() != 1:
+                raise ValueError("posix backend buffers must be 1-D uint8 arrays or CPU tensors")
         results: list[OSError | None] = [None] * len(ops)
 
         def chunk(start: int, stop: int) -> None:
@@ -260,7 +270,7 @@ class PosixBackend(DiskBackend):
             return []
         return self._run(ops, lambda i: self._read_one(ops[i]))
 
-    def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]) -> list[int]:
+    def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: ChecksumFn) -> list[int]:
         """Write all ops in parallel, each worker checksumming its block just before writing it."""
         if type(self).pwrite_blocks is not PosixBackend.pwrite_blocks:  # a subclass hooks writes: honour it
             return super().pwrite_blocks_checksummed(ops, checksum)
@@ -276,7 +286,7 @@ class PosixBackend(DiskBackend):
         return sums
 
     def pread_blocks_checksummed(
-        self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]
+        self, ops: Sequence[IoOp], checksum: ChecksumFn
     ) -> tuple[list[OSError | None], list[int | None]]:
         """Read all ops in parallel, each worker checksumming its block right after reading it."""
         if type(self).pread_blocks is not PosixBackend.pread_blocks:  # a subclass hooks reads: honour it

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = ["SLOT_ALIGNMENT", "DirtyFiles", "DiskBackend", "IoOp", "round_up"]
@@ -63,12 +64,24 @@ class DirtyFiles:
             raise
 
 
+#: Computes a block's checksum from an op's buffer.
+ChecksumFn = Callable[["torch.Tensor | np.ndarray"], int]
+
+
 class IoOp(NamedTuple):
-    """One block transfer: ``buffer`` to/from ``offset`` bytes into data file ``file_index``."""
+    """One block transfer: ``buffer`` to/from ``offset`` bytes into data file ``file_index``.
+
+    ``buffer`` is a 1-D uint8 tensor, or for a backend with ``accepts_numpy`` possibly a 1-D uint8 numpy array.
+    """
 
     file_index: int
     offset: int
-    buffer: torch.Tensor
+    buffer: torch.Tensor | np.ndarray
+
+
+def buffer_tensor(buf: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """An op's buffer as a tensor sharing its memory (for backends and wrappers that work on tensors)."""
+    return buf if isinstance(buf, torch.Tensor) else torch.from_numpy(buf)
 
 
 class DiskBackend(ABC):
@@ -81,11 +94,14 @@ class DiskBackend(ABC):
         name: short name reported in ``DiskStore.backend_name`` and stats.
         accepts_cuda: buffers may be CUDA tensors (no staging copy through host memory).
         direct_io: the page cache is bypassed (O_DIRECT or GPUDirect Storage); set after :meth:`open`.
+        accepts_numpy: buffers may also be 1-D uint8 numpy arrays (host memory without a tensor object per block:
+            building one costs microseconds, a numpy row a fraction of one). Wrappers leave it False.
     """
 
     name: str = "abstract"
     accepts_cuda: bool = False
     direct_io: bool = False
+    accepts_numpy: bool = False
 
     @abstractmethod
     def open(self, paths: Sequence[str | os.PathLike[str]], *, readonly: bool) -> None:
@@ -113,7 +129,7 @@ class DiskBackend(ABC):
         A failing read does not stop the others; its buffer content is undefined.
         """
 
-    def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]) -> list[int]:
+    def pwrite_blocks_checksummed(self, ops: Sequence[IoOp], checksum: ChecksumFn) -> list[int]:
         """:meth:`pwrite_blocks`, also returning ``checksum(op.buffer)`` of each op's bytes as the caller handed them.
 
         A backend with I/O workers computes each checksum in the worker, just before that block's write, so
@@ -125,7 +141,7 @@ class DiskBackend(ABC):
         return sums
 
     def pread_blocks_checksummed(
-        self, ops: Sequence[IoOp], checksum: Callable[[torch.Tensor], int]
+        self, ops: Sequence[IoOp], checksum: ChecksumFn
     ) -> tuple[list[OSError | None], list[int | None]]:
         """:meth:`pread_blocks`, also returning ``checksum(op.buffer)`` of each block read (None where it failed).
 

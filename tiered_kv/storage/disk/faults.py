@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp
+from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, buffer_tensor
 from .wrappers import WrapperBackend
 
 __all__ = ["FAULT_KINDS", "FaultInjectingBackend"]
@@ -106,13 +106,14 @@ class FaultInjectingBackend(WrapperBackend):
                 code = errno.EIO if kind == "eio" else errno.ENOSPC
                 failure = failure or OSError(code, f"injected {kind} (file {op.file_index} offset {op.offset})")
             elif kind == "torn":
-                n = op.buffer.numel()
+                buf = buffer_tensor(op.buffer)
+                n = buf.numel()
                 # A torn write lands whole sectors: keep an aligned prefix shorter than the block.
                 prefix = (where % max(n, 1)) // SLOT_ALIGNMENT * SLOT_ALIGNMENT
                 if prefix:
-                    real.append(IoOp(op.file_index, op.offset, op.buffer[:prefix]))
+                    real.append(IoOp(op.file_index, op.offset, buf[:prefix]))
             else:  # bitflip: the bytes on disk differ from the caller's buffer
-                copy = op.buffer.clone()
+                copy = buffer_tensor(op.buffer).clone()
                 self._flip(copy, where)
                 real.append(IoOp(op.file_index, op.offset, copy))
         self.inner.pwrite_blocks(real)
@@ -132,5 +133,5 @@ class FaultInjectingBackend(WrapperBackend):
             results[i] = res
             kind, where = plan[i]
             if kind == "bitflip" and res is None:
-                self._flip(ops[i].buffer, where)
+                self._flip(buffer_tensor(ops[i].buffer), where)
         return results

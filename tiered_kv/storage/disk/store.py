@@ -81,7 +81,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -231,8 +231,12 @@ def find_orphans(parents: Mapping[bytes, bytes | None], absent: Iterable[bytes] 
     return {k for k, ok in reachable.items() if not ok and k in parents and k not in skip}
 
 
-def _checksum(buf: torch.Tensor) -> int:
-    return xxhash.xxh3_64_intdigest(buf.numpy().data)
+def _checksum(buf: torch.Tensor | np.ndarray) -> int:
+    return xxhash.xxh3_64_intdigest(cast(Any, buf if isinstance(buf, np.ndarray) else buf.numpy()))
+
+
+def _on_host(buf: torch.Tensor | np.ndarray) -> bool:
+    return isinstance(buf, np.ndarray) or buf.device.type == "cpu"
 
 
 # LMDB allows one environment handle per path per process, so a second DiskStore on the same tier in this
@@ -764,7 +768,7 @@ class DiskStore:
         return self.backend.name
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _op(self, slot: int, buf: torch.Tensor) -> IoOp:
+    def _op(self, slot: int, buf: torch.Tensor | np.ndarray) -> IoOp:
         return IoOp(slot % self.nshards, (slot // self.nshards) * self.stride, buf)
 
     def _check_open(self, write: bool = False) -> Registry:
@@ -790,8 +794,15 @@ class DiskStore:
         if t.is_cuda and not self.backend.accepts_cuda and what == "out":
             raise DiskTierError(f"backend {self.backend_name} cannot read into CUDA memory; pass a CPU tensor")
 
-    def _flat_blocks(self, data: torch.Tensor | Sequence[torch.Tensor], n: int, what: str) -> list[torch.Tensor]:
-        """``n`` one-dimensional uint8 views, one per block, of a batch tensor or a sequence of block tensors."""
+    def _flat_blocks(
+        self, data: torch.Tensor | Sequence[torch.Tensor] | Sequence[np.ndarray], n: int, what: str
+    ) -> list[torch.Tensor] | list[np.ndarray]:
+        """``n`` one-dimensional uint8 views, one per block, of a batch tensor, a sequence of block tensors, or a
+        sequence of 1-D uint8 numpy arrays of one block each (host byte rows, e.g. ``TensorArena.byte_rows``).
+
+        For a backend that ``accepts_numpy``, host memory is handed over as numpy rows: one tensor view per block
+        costs microseconds to build and again to turn back into memory the I/O worker can use.
+        """
         if isinstance(data, torch.Tensor):
             self._check_tensor(data, n, what)
             if data.is_cuda and not self.backend.accepts_cuda:
@@ -800,10 +811,24 @@ class DiskStore:
                 data = data.cpu()
             if what == "out" and not data.is_contiguous():
                 raise DiskTierError("out must be contiguous")
-            return list(data.contiguous().view(torch.uint8).reshape(n, self.block_size)) if n else []
-        blocks = list(data)
+            if not n:
+                return []
+            rows = data.contiguous().view(torch.uint8).reshape(n, self.block_size)
+            return list(rows.numpy()) if self.backend.accepts_numpy and not rows.is_cuda else list(rows)
+        blocks: list[Any] = list(data)
         if len(blocks) != n:
             raise DiskTierError(f"{what}: expected {n} block tensors, got {len(blocks)}")
+        if blocks and type(blocks[0]) is np.ndarray:
+            size = self.block_size
+            for i, a in enumerate(blocks):
+                if type(a) is not np.ndarray or a.dtype != np.uint8 or a.shape != (size,) or not a.flags.c_contiguous:
+                    raise DiskTierError(
+                        f"{what}[{i}] must be a contiguous 1-D uint8 array of {size} bytes (one block), got "
+                        f"{getattr(a, 'dtype', type(a).__name__)} {list(getattr(a, 'shape', ()))}"
+                    )
+            if self.backend.accepts_numpy:
+                return blocks
+            return [torch.from_numpy(a) for a in blocks]
         shape, dtype = self.model.block_shape, self.model.torch_dtype
         out = []
         for i, t in enumerate(blocks):
@@ -1021,10 +1046,10 @@ class DiskStore:
             # write then fails verification on read instead of being blessed here.
             ops = [self._op(s, flat[i]) for i, s in enumerate(slot_list)]
             try:
-                if all(f.device.type == "cpu" for f in flat):
+                if all(map(_on_host, flat)):
                     checksums = self.backend.pwrite_blocks_checksummed(ops, _checksum)  # in the I/O workers
                 else:
-                    checksums = [_checksum(f.cpu()) for f in flat]
+                    checksums = [_checksum(cast(torch.Tensor, f).cpu()) for f in flat]
                     self.backend.pwrite_blocks(ops)
             except OSError as exc:
                 # Nothing was committed: the slots stay free and whatever reached them is unreferenced.
@@ -1180,17 +1205,19 @@ class DiskStore:
 
     _alloc = alloc_blocks  # the old private name (storage/disk_tier.py still calls it)
 
-    def _read_verify(self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor | list[torch.Tensor]) -> list[int]:
+    def _read_verify(
+        self, items: Sequence[tuple[bytes, Row]], out: torch.Tensor | list[torch.Tensor] | list[np.ndarray]
+    ) -> list[int]:
         """Read ``items`` into ``out`` (a batch, or one flat uint8 view per block); return the indices that failed."""
         n = len(items)
-        flat = out if isinstance(out, list) else list(out.view(torch.uint8).reshape(n, self.block_size))
+        flat = out if isinstance(out, list) else self._flat_blocks(out, n, "out")
         ops = [self._op(row.slot, flat[i]) for i, (_, row) in enumerate(items)]
         sums: list[int | None]
-        if all(f.device.type == "cpu" for f in flat):
+        if all(map(_on_host, flat)):
             results, sums = self.backend.pread_blocks_checksummed(ops, _checksum)  # checksummed in the I/O workers
         else:
             results = self.backend.pread_blocks(ops)
-            sums = [_checksum(f.cpu()) if r is None else None for f, r in zip(flat, results)]
+            sums = [_checksum(cast(torch.Tensor, f).cpu()) if r is None else None for f, r in zip(flat, results)]
         bad: list[int] = []
         for i, (key, row) in enumerate(items):
             err = results[i]
@@ -1252,11 +1279,13 @@ class DiskStore:
             out = self._alloc(len(slots))
         return out, self.read_into(slots, out)
 
-    def read_into(self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor]) -> list[int]:
-        """Read the blocks in ``slots`` straight into ``out``: a batch tensor (see :meth:`read_blocks`) or a
+    def read_into(
+        self, slots: Sequence[int], out: torch.Tensor | Sequence[torch.Tensor] | Sequence[np.ndarray]
+    ) -> list[int]:
+        """Read the blocks in ``slots`` straight into ``out``: a batch tensor (see :meth:`read_blocks`), a
         sequence of contiguous ``[L, O, P, I]`` tensors, one per block (e.g. arena slots: 4 KiB-aligned ones are
-        read in place under O_DIRECT, no bounce copy, no staging). Returns the indices that failed, as
-        :meth:`read_blocks` does."""
+        read in place under O_DIRECT, no bounce copy, no staging), or a sequence of 1-D uint8 numpy arrays of one
+        block each (host byte rows). Returns the indices that failed, as :meth:`read_blocks` does."""
         self._check_open()
         n = len(slots)
         with self._lock:
