@@ -380,7 +380,9 @@ def test_lost_blocks_are_reaped_without_a_manager_call() -> None:
     cfg = KvBlockManagerConfig(model=SMALL, device=LayoutConfig(num_blocks=64), device_type="cpu")
     with KvBlockManager(cfg) as bm:
         chain = bm.sequence_hashes(list(range(4 * 3 * REAP_BACKLOG)))
-        store(bm, chain, batch=16)  # one chain through 64 slots: every eviction takes a head, the rest is garbage
+        # One chain through 64 slots, a block at a time: every eviction takes a head whose child is still here (the
+        # rest is garbage), so every eviction reports a lost hash, even where the pool alone reports only parents.
+        store(bm, chain, batch=1)
         assert bm.scheduler.wait_for_reaper(10.0)
         assert len(bm.scheduler._lost) < REAP_BACKLOG
         assert bm.metrics()["offload"]["reaped"] > 0

@@ -358,3 +358,26 @@ def test_a_registered_chain_costs_no_container_per_block() -> None:
     gc.collect()
     assert len(pool.children_of(hs[0])) == 1
     assert len(gc.get_objects()) - before < n // 10
+
+
+@pytest.mark.parametrize("only_parents", [False, True])
+def test_removal_hook_reports_what_a_pool_alone_needs(only_parents: bool) -> None:
+    """A pool that is the whole hierarchy reports only removed hashes with children here (nothing else can be left
+    unreachable); otherwise every removed hash, since other tiers may hold its children."""
+    pool = make_pool(n=4, policy="lru")
+    reported: list[bytes] = []
+    pool.set_removal_hook(reported.extend, only_parents=only_parents)
+    a, b, c, d = hashes(4)
+    for h, parent in ((a, None), (b, a), (c, None), (d, None)):
+        blocks = pool.allocate_blocks(1)
+        fill(blocks[0], h)
+        pool.release_blocks(pool.register_blocks(blocks, [h], parents=[parent]))
+    blocks = pool.allocate_blocks(1)  # evicts a (least recent), whose child b is still here
+    assert reported == [a]
+    pool.release_blocks(blocks)
+    reported.clear()
+    pool.invalidate([c])  # no children anywhere
+    assert reported == ([] if only_parents else [c])
+    reported.clear()
+    pool.evict_inactive(4)
+    assert sorted(reported) == ([] if only_parents else sorted([b, d]))

@@ -207,11 +207,14 @@ class OffloadScheduler:
         # call, no movers) would let the lost hashes pile up: past REAP_BACKLOG a reaper thread takes them.
         self._reap_kick = threading.Event()
         self._reap_done = threading.Condition()  # notified after each pass of the reaper thread
-        for pool in pools:
-            pool.set_removal_hook(self._note_lost)
         for lower in pools[1:]:
             if lower.storage.persistent:
                 self.inflight[lower.tier] = InflightSource(lower.tier)
+        # One pool and no queue: the pool is the whole hierarchy, and only hashes with children in it can leave
+        # anything unreachable (see BlockPool.set_removal_hook).
+        alone = len(pools) == 1 and not self.inflight
+        for pool in pools:
+            pool.set_removal_hook(self._note_lost, only_parents=alone)
         for upper, lower in itertools.pairwise(pools):  # after every queue exists: handlers look further down
             upper.set_eviction_handler(self._make_handler(upper, lower))
         # A persistent tier takes a block only when its parent is there too (or written in the same batch, or queued

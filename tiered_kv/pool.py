@@ -174,6 +174,7 @@ class BlockPool:
         # Hashes dropped outside eviction (invalidate, reset): the scheduler reaps their descendants if they left
         # every tier. Called under the lock: must only record (a deque extend).
         self._on_removed: Callable[[list[bytes]], None] | None = None
+        self._only_parents = False  # see set_removal_hook
         self._parent_present: Callable[[bytes], bool] | None = None
         self._low_free = 0
         self._on_low_free: Callable[[], None] | None = None
@@ -277,9 +278,15 @@ class BlockPool:
         """Install the callback that sees victims before their slots are reused (the offload scheduler's hook)."""
         self._on_evict = handler
 
-    def set_removal_hook(self, hook: Callable[[list[bytes]], None] | None) -> None:
-        """Install the lock-free callback that sees hashes dropped by :meth:`invalidate` and :meth:`reset`."""
+    def set_removal_hook(self, hook: Callable[[list[bytes]], None] | None, *, only_parents: bool = False) -> None:
+        """Install the lock-free callback that sees hashes dropped by :meth:`invalidate` and :meth:`reset`.
+
+        ``only_parents``: report only hashes with registered children here. For a pool that is the whole hierarchy
+        (no other tier, no queue), a hash without children here leaves nothing unreachable: reporting every victim
+        would cost the reaper a lookup per eviction for nothing.
+        """
         self._on_removed = hook
+        self._only_parents = only_parents
 
     def set_stored_handler(self, handler: EvictionHandler | None) -> None:
         """Install the callback that sees newly registered ``(hash, slot)`` pairs (write-through to a remote)."""
@@ -404,7 +411,12 @@ class BlockPool:
         if self._on_removed is not None and (self._persistent or self._on_evict is None):
             # Gone from the disk (or from the lowest tier): the reaper checks what under them is left unreachable.
             # A memory tier's victims go down through its handler, which reports the ones it drops itself.
-            self._on_removed(hashes)
+            if not self._only_parents:
+                self._on_removed(hashes)
+            elif children:
+                lost = [h for h in hashes if h in children]
+                if lost:
+                    self._on_removed(lost)
         if self._discards:
             self.storage.discard([s for _, s in victims], hashes)
         self.metrics.record_evictions(victims, "capacity")
@@ -1185,7 +1197,12 @@ class BlockPool:
         taken under the lock (``cached_hashes``) never lacks a hash whose event is not queued yet (what a ledger
         relies on)."""
         if self._on_removed is not None:
-            self._on_removed(hashes)
+            if not self._only_parents:
+                self._on_removed(hashes)
+            else:
+                lost = [h for h in hashes if h in self._children]
+                if lost:
+                    self._on_removed(lost)
         if slots is not None and self._discards:
             self.storage.discard(slots, hashes)
         if self.events is not None and self.events.active:
