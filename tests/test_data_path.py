@@ -140,6 +140,7 @@ def test_a_disk_read_lands_in_host_byte_rows_without_a_tensor_per_block(
 ) -> None:
     """A disk -> host promotion reads straight into the arena's numpy byte rows: no slot_view tensor is built per
     block (microseconds each), and the bytes arrive verified."""
+    from tiered_kv.storage.disk._posix import PosixBackend, probe_direct_io
     from tiered_kv.storage.memory import TensorArena
 
     data = torch.randn((8, *BIG.block_shape)).to(BIG.torch_dtype)
@@ -154,8 +155,14 @@ def test_a_disk_read_lands_in_host_byte_rows_without_a_tensor_per_block(
         views: list[int] = []
         real = TensorArena.slot_view
         monkeypatch.setattr(TensorArena, "slot_view", lambda self, slot: views.append(slot) or real(self, slot))
+        bounced: list[int] = []
+        real_bounce = PosixBackend._bounce
+        monkeypatch.setattr(PosixBackend, "_bounce", lambda self, n: bounced.append(n) or real_bounce(self, n))
         got = bm.match_sequence_hashes(hs)
         assert [b.tier for b in got] == ["host"] * 8 and views == []
+        # Where the file system takes O_DIRECT, the 128 KiB rows of the 4 KiB-aligned arena are read in place.
+        assert pool.storage.store.backend.direct_io == probe_direct_io(tmp_path)  # type: ignore[attr-defined]
+        assert bounced == []
         for i, b in enumerate(got):
             assert torch.equal(block_data(b, BIG), data[i])
         bm.top.release_blocks(got)

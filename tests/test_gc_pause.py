@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,35 +43,81 @@ def test_a_pause_never_enables_a_disabled_collector() -> None:
     assert not gc.isenabled()
 
 
-def test_overlapping_pauses_of_two_threads_end_with_the_last() -> None:
-    inside, release = threading.Event(), threading.Event()
+class _Holder:
+    """Another thread inside a pause until released."""
 
-    def other() -> None:
+    def __init__(self) -> None:
+        self.inside, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
         with gc_paused():
-            inside.set()
-            release.wait(10)
+            self.inside.set()
+            self.release.wait(30)
 
-    t = threading.Thread(target=other)
+    def __enter__(self) -> _Holder:
+        self.thread.start()
+        assert self.inside.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.thread.join(30)
+
+
+def test_overlapping_pauses_of_two_threads_end_with_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "MAX_PAUSE_S", 1e9)
+    holder = _Holder()
     with gc_paused():
-        t.start()
-        assert inside.wait(10)
-    assert not gc.isenabled()  # the other thread's pause is still in progress
-    release.set()
-    t.join(10)
+        holder.__enter__()
+    try:
+        assert not gc.isenabled()  # the other thread's pause is still in progress
+    finally:
+        holder.__exit__()
     assert gc.isenabled()
 
 
-def test_overlapping_pauses_stop_pausing_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_gc, "MAX_PAUSE_S", -1.0)  # every pause has overlapped too long
+def test_one_threads_nested_pauses_are_never_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "MAX_PAUSE_S", -1.0)  # every run of pauses is "too long"
     with gc_paused():
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
         with gc_paused():
             assert not gc.isenabled()
-        assert gc.isenabled()  # the inner end re-enabled it early
-        with gc_paused():  # and no new pause starts until the current ones end
-            assert gc.isenabled()
     assert gc.isenabled()
-    with gc_paused():  # after they all ended, pausing works again
+
+
+def test_overlapping_pauses_of_several_threads_stop_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "MAX_PAUSE_S", -1.0)  # every run of pauses is "too long"
+    with _Holder():
         assert not gc.isenabled()
+        with gc_paused():  # a second thread joins a run past the bound: the collector comes back at once
+            assert gc.isenabled()
+            with gc_paused():  # and no pause starts again until the run is over
+                assert gc.isenabled()
+        assert gc.isenabled()
+    assert gc.isenabled()
+    with gc_paused():  # the run is over: pausing works again
+        assert not gc.isenabled()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_another_threads_pause_gets_its_collector_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "MAX_PAUSE_S", 1e9)
+    with _Holder():
+        assert not gc.isenabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running: the child only checks
+            pid = os.fork()
+        if pid == 0:  # the child: the holder thread does not exist here, its pause must not outlive the fork
+            ok = gc.isenabled()
+            with gc_paused():
+                ok = ok and not gc.isenabled()
+            os._exit(0 if ok and gc.isenabled() else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert gc.isenabled()
 
 
 def test_a_long_match_promotes_from_disk_with_the_collector_paused(tmp_path: Path) -> None:

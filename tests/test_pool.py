@@ -312,35 +312,73 @@ def test_threads_hammer_pool_without_losing_blocks() -> None:
     assert pool.policy.evictable_count() == len(pool)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["chain", "branch", "invalidate", "evict"]), st.integers(0, 63)),
-                max_size=60))
+def _check_children_index(pool: BlockPool) -> None:
+    """The raw parent -> children index: one child kept as itself, two or more as a set, each entry exactly the
+    registered blocks that name that parent (no stale key, no empty or one-element set)."""
+    want: dict[bytes, set[bytes]] = {}
+    for h, slot in pool._by_hash.items():
+        parent = pool._parents[slot]
+        if parent is not None:
+            want.setdefault(parent, set()).add(h)
+    got: dict[bytes, set[bytes]] = {}
+    for parent, kids in pool._children.items():
+        if isinstance(kids, bytes):
+            got[parent] = {kids}
+        else:
+            assert isinstance(kids, set) and len(kids) >= 2, (parent.hex(), kids)
+            got[parent] = set(kids)
+    assert got == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["chain", "branch", "branch", "again", "hold", "invalidate", "evict",
+                                           "reset"]), st.integers(0, 7)), max_size=60))
 def test_children_index_matches_the_registered_parents(ops: list[tuple[str, int]]) -> None:
-    """The parent -> children index (one child kept as itself, two or more as a set) always lists exactly the
-    registered blocks that name each parent, through branching, invalidation and eviction."""
+    """Through branching, re-registration (dedup), held and invalidated blocks, eviction and reset, the children
+    index lists exactly the registered blocks that name each parent, in its compact form."""
     pool = make_pool(n=6, policy="lru")
     seen: list[bytes] = []
+    parent_of: dict[bytes, bytes | None] = {}
+    held: list = []
     fresh = iter(hashes(200))
     for op, k in ops:
-        if op in ("chain", "branch"):
-            parent = seen[k % len(seen)] if seen and op == "branch" else (seen[-1] if seen else None)
+        if op in ("chain", "branch", "again"):
+            if op == "again" and seen:
+                h = seen[k % len(seen)]  # already registered (dedup) or gone (registered anew)
+                parent = parent_of[h]
+            else:
+                parent = seen[k % len(seen)] if seen and op == "branch" else (seen[-1] if seen else None)
+                h = next(fresh)
             if parent is not None and parent not in pool:
                 parent = None
-            h = next(fresh)
             blocks = pool.allocate_up_to(1)
             if not blocks:
                 continue
             fill(blocks[0], h)
-            pool.release_blocks(pool.register_blocks(blocks, [h], parents=[parent]))
-            seen.append(h)
+            got = pool.register_blocks(blocks, [h], parents=[parent])
+            if op == "again" and k % 2:
+                held += got  # kept while later ops run
+            else:
+                pool.release_blocks(got)
+            if h not in parent_of:
+                seen.append(h)
+                parent_of[h] = parent
+        elif op == "hold" and seen:
+            held += pool.match_sequence_hashes([seen[k % len(seen)]])
         elif op == "invalidate" and seen:
             pool.invalidate([seen[k % len(seen)]])
         elif op == "evict":
             pool.evict_inactive(1 + k % 3)
+        elif op == "reset":
+            pool.release_blocks(held)
+            held = []
+            pool.reset()
+        _check_children_index(pool)
         present = pool.holding(seen)
         for p in seen:
             expected = sorted(c for c in present if pool.parent_of(c) == p)
             assert sorted(pool.children_of(p)) == expected, p.hex()
+    pool.release_blocks(held)
 
 
 def test_a_registered_chain_costs_no_container_per_block() -> None:

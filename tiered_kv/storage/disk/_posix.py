@@ -122,6 +122,15 @@ class PosixBackend(DiskBackend):
     accepts_cuda = False
     accepts_numpy = True
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # A subclass that hooks the transfers may treat op.buffer as a tensor: it gets tensors unless it says
+        # otherwise (accepts_numpy in its own body).
+        super().__init_subclass__(**kwargs)
+        hooks = ("pread_blocks", "pwrite_blocks", "pread_blocks_checksummed", "pwrite_blocks_checksummed",
+                 "_read_one", "_write_one")
+        if "accepts_numpy" not in cls.__dict__ and any(h in cls.__dict__ for h in hooks):
+            cls.accepts_numpy = False
+
     def __init__(self, *, direct: bool | None = None, max_workers: int = 8) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
@@ -224,10 +233,10 @@ class PosixBackend(DiskBackend):
         for op in ops:
             b = op.buffer
             if isinstance(b, np.ndarray):
-                if b.dtype != np.uint8 or b.ndim != 1:
-                    raise ValueError("posix backend buffers must be 1-D uint8 arrays or CPU tensors")
+                if b.dtype != np.uint8 or b.ndim != 1 or not b.flags.c_contiguous:
+                    raise ValueError("posix backend buffers must be contiguous 1-D uint8 arrays or CPU tensors")
             elif b.device.type != "cpu" or b.dtype != torch.uint8 or b.dim() != 1:
-                raise ValueError("posix backend buffers must be 1-D uint8 arrays or CPU tensors")
+                raise ValueError("posix backend buffers must be contiguous 1-D uint8 arrays or CPU tensors")
         results: list[OSError | None] = [None] * len(ops)
 
         def chunk(start: int, stop: int) -> None:
