@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tiered_kv import KvBlockManager
+from tiered_kv import KvBlockManager, KvBlockManagerConfig, LayoutConfig
 from tiered_kv.stress.content import BlockContent
 from tiered_kv.stress.durability import verify_disk
 from tiered_kv.stress.options import StressOptions
@@ -224,3 +224,30 @@ def test_replay_full_mooncake(tmp_path: Path) -> None:
     rc, rep, err = _run("replay", str(MOONCAKE), timeout=600)
     assert rc == 0, err
     assert rep["requests"] == 12031 and rep["wrong"] == 0
+
+
+def test_client_verification_finds_wrong_bytes_by_gather_and_by_layer_view() -> None:
+    """The clients check most batches with one gather and every LAYER_VIEW_EVERY-th through layer_view: both find a
+    block whose bytes are another block's."""
+    from types import SimpleNamespace
+
+    from tiered_kv.stress.clients import LAYER_VIEW_EVERY, RecentPrefixes, StoreClient
+
+    opts = StressOptions(path="unused", device_blocks=8, host_blocks=8, disk_blocks=16)
+    content = BlockContent(opts.model())
+    hashes = [bytes([i]) * 32 for i in range(4)]
+    cfg = KvBlockManagerConfig(model=opts.model(), device=LayoutConfig(num_blocks=8), device_type="cpu")
+    with KvBlockManager(cfg) as bm:
+        top = bm.top
+        new = top.allocate_blocks(4)
+        for blk, h in zip(new, hashes):
+            content.fill(blk, h if h != hashes[2] else hashes[0])  # hashes[2] holds another block's bytes
+        held = top.register_blocks(new, hashes)
+        logged: list[str] = []
+        stats = Stats()
+        client = StoreClient(bm, content, SimpleNamespace(tag="t"), stats, RecentPrefixes(), logged.append)  # type: ignore[arg-type]
+        for _ in range(2 * LAYER_VIEW_EVERY):
+            client._verify(held, hashes, "check")
+        assert stats["wrong"] == 2 * LAYER_VIEW_EVERY and stats["blocks_verified"] == 8 * LAYER_VIEW_EVERY
+        assert all(f"for {hashes[2].hex()[:16]}" in line for line in logged)
+        top.release_blocks(held)
