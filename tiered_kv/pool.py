@@ -411,12 +411,7 @@ class BlockPool:
         if self._on_removed is not None and (self._persistent or self._on_evict is None):
             # Gone from the disk (or from the lowest tier): the reaper checks what under them is left unreachable.
             # A memory tier's victims go down through its handler, which reports the ones it drops itself.
-            if not self._only_parents:
-                self._on_removed(hashes)
-            elif children:
-                lost = [h for h in hashes if h in children]
-                if lost:
-                    self._on_removed(lost)
+            self._report_removed(hashes)
         if self._discards:
             self.storage.discard([s for _, s in victims], hashes)
         self.metrics.record_evictions(victims, "capacity")
@@ -1196,17 +1191,25 @@ class BlockPool:
         their ``slots`` (None: it dropped them itself), subscribers get a "removed" event. Lock held: a snapshot
         taken under the lock (``cached_hashes``) never lacks a hash whose event is not queued yet (what a ledger
         relies on)."""
-        if self._on_removed is not None:
-            if not self._only_parents:
-                self._on_removed(hashes)
-            else:
-                lost = [h for h in hashes if h in self._children]
-                if lost:
-                    self._on_removed(lost)
+        self._report_removed(hashes)
         if slots is not None and self._discards:
             self.storage.discard(slots, hashes)
         if self.events is not None and self.events.active:
             self.events.publish("removed", self.tier, hashes)
+
+    def _report_removed(self, hashes: list[bytes]) -> None:
+        """Hand removed hashes to the removal hook, if any (lock held): all of them, or with ``only_parents``
+        those with children here."""
+        hook = self._on_removed
+        if hook is None:
+            return
+        if not self._only_parents:
+            hook(hashes)
+            return
+        children = self._children
+        lost = [h for h in hashes if h in children] if children else []
+        if lost:
+            hook(lost)
 
     def held_blocks(self) -> int:
         """Blocks that are mutable, referenced or pinned (what :meth:`reset` refuses to drop)."""

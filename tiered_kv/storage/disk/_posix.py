@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .backend import SLOT_ALIGNMENT, ChecksumFn, DirtyFiles, DiskBackend, IoOp, round_up
+from .backend import SLOT_ALIGNMENT, ChecksumFn, DirtyFiles, DiskBackend, IoOp, buffer_array, round_up
 
 __all__ = ["PosixBackend", "aligned_empty", "probe_direct_io"]
 
@@ -93,11 +93,6 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
             raise OSError(errno.EIO, "pwrite wrote nothing")
         view = view[done:]
         offset += done
-
-
-def _host_array(buf: torch.Tensor | np.ndarray) -> np.ndarray:
-    """An op's buffer as a numpy array (no copy)."""
-    return buf if isinstance(buf, np.ndarray) else buf.numpy()
 
 
 def _pread_all(fd: int, view: memoryview, offset: int) -> None:
@@ -203,7 +198,7 @@ class PosixBackend(DiskBackend):
         return arr.ctypes.data % SLOT_ALIGNMENT == 0 and arr.nbytes % SLOT_ALIGNMENT == 0
 
     def _write_one(self, op: IoOp) -> None:
-        arr = _host_array(op.buffer)
+        arr = buffer_array(op.buffer)
         fd = self._fds[op.file_index]
         if self.direct_io and not self._is_aligned(arr):
             n = arr.nbytes
@@ -215,7 +210,7 @@ class PosixBackend(DiskBackend):
             _pwrite_all(fd, arr.data, op.offset)
 
     def _read_one(self, op: IoOp) -> None:
-        arr = _host_array(op.buffer)
+        arr = buffer_array(op.buffer)
         fd = self._fds[op.file_index]
         if self.direct_io and not self._is_aligned(arr):
             n = arr.nbytes

@@ -84,6 +84,11 @@ def buffer_tensor(buf: torch.Tensor | np.ndarray) -> torch.Tensor:
     return buf if isinstance(buf, torch.Tensor) else torch.from_numpy(buf)
 
 
+def buffer_array(buf: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An op's buffer (in host memory) as a numpy array sharing its memory."""
+    return buf if isinstance(buf, np.ndarray) else buf.numpy()
+
+
 class DiskBackend(ABC):
     """Reads and writes byte ranges of a fixed list of data files, many at a time.
 

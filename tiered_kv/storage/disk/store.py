@@ -93,7 +93,7 @@ from ...hashing import check_hash
 from ._errors import disk_error, locked, translated
 from ._kvikio import KvikioBackend, kvikio_unavailable_reason
 from ._posix import PosixBackend, aligned_empty
-from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, round_up
+from .backend import SLOT_ALIGNMENT, DiskBackend, IoOp, buffer_array, round_up
 from .registry import (
     FORMAT_VERSION,
     READABLE_FORMAT_VERSIONS,
@@ -232,7 +232,7 @@ def find_orphans(parents: Mapping[bytes, bytes | None], absent: Iterable[bytes] 
 
 
 def _checksum(buf: torch.Tensor | np.ndarray) -> int:
-    return xxhash.xxh3_64_intdigest(cast(Any, buf if isinstance(buf, np.ndarray) else buf.numpy()))
+    return xxhash.xxh3_64_intdigest(cast(Any, buffer_array(buf)))
 
 
 def _on_host(buf: torch.Tensor | np.ndarray) -> bool:
