@@ -106,12 +106,16 @@ def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
     tr = run("bench_trace.py", *(["--limit", "1000", "--repeat", "1"] if quick else []))
     if tr:
         for trace, r in tr.items():
-            ours, peer, floor = r.get("tiered_kv_arc"), r.get("vllm_arc"), r.get("dict_lru")
+            ours, floor = r.get("tiered_kv_arc"), r.get("dict_lru")
+            peer, policy = r.get("vllm_manager"), r.get("vllm_arc")
             if ours is None:
                 continue
             base = f"dict LRU {floor['us_per_block']:.2f} us" if floor else ""
+            if policy:
+                base = f"its ARCCachePolicy alone {policy['us_per_block']:.2f} us; " + base
             if peer:
-                base = f"vLLM ARCCachePolicy {peer['us_per_block']:.2f} us (hit {peer['hit_ratio']:.3f}); " + base
+                us, hit = peer["us_per_block"], peer["hit_ratio"]
+                base = f"vLLM CPUOffloadingManager (ARC) {us:.2f} us (hit {hit:.3f}); " + base
             out.append((f"Mooncake {trace} replay through host() match/allocate/register, ARC",
                         f"{ours['us_per_block']:.2f} us/block (hit {ours['hit_ratio']:.3f})", base,
                         peer["us_per_block"] / ours["us_per_block"] if peer else None))

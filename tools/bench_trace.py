@@ -9,8 +9,12 @@ trace, in the same run:
 
 * ``tiered_kv``: a host-only ``KvBlockManager``'s pool (``host().match_sequence_hashes / allocate_up_to / scatter /
   register_blocks / release_blocks``), ARC and LRU, with tiny blocks so that the bookkeeping is what is timed;
-* ``vllm_arc``: vLLM's ``ARCCachePolicy`` (its CPU offloading tier's policy) driven the same way: lookup, touch,
-  evict, insert (skipped when vLLM is not installed);
+* ``vllm_manager``: vLLM's ``CPUOffloadingManager`` with its ARC policy, the layer its offloading connector calls,
+  driven as its scheduler drives it per request: ``lookup`` each block until a miss, ``prepare_load`` / ``touch`` /
+  ``complete_load`` the hits, ``prepare_store`` / ``complete_store`` the rest, ``on_request_finished`` (the peer as
+  its users get it; skipped when vLLM is not installed);
+* ``vllm_arc``: vLLM's ``ARCCachePolicy`` alone driven the same way: lookup, touch, evict, insert (the policy, below
+  the manager: no reference counts, no request bookkeeping);
 * ``dict_lru``: a plain ``OrderedDict`` LRU, the floor of what Python can do.
 
 Hit ratio = blocks matched / blocks looked up; the implementations see the same requests and the same capacity.
@@ -89,6 +93,39 @@ def replay_dict_lru(requests: list[list[int]], capacity: int) -> tuple[float, fl
     return time.perf_counter() - t0, hits / max(looked, 1)
 
 
+def replay_vllm_manager(requests: list[list[int]], capacity: int) -> tuple[float, float] | None:
+    try:
+        from vllm.v1.kv_offload.base import LookupResult, ReqContext, make_offload_key
+        from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+    except Exception:  # vLLM not installed (or not importable here)
+        return None
+    manager = CPUOffloadingManager(capacity, cache_policy="arc")
+    keys = [[make_offload_key(i.to_bytes(16, "little"), 0) for i in ids] for ids in requests]
+    hit = LookupResult.HIT
+    hits = looked = 0
+    t0 = time.perf_counter()
+    for r, ks in enumerate(keys):
+        ctx = ReqContext(req_id=str(r))
+        manager.on_new_request(ctx)
+        k = 0
+        for key in ks:
+            if manager.lookup(key, ctx) is not hit:
+                break
+            k += 1
+        hits += k
+        looked += len(ks)
+        if k:
+            manager.prepare_load(ks[:k], ctx)
+            manager.touch(ks[:k], ctx)
+            manager.complete_load(ks[:k], ctx)
+        if k < len(ks):
+            out = manager.prepare_store(ks[k:], ctx)
+            if out is not None and out.keys_to_store:
+                manager.complete_store(out.keys_to_store, ctx)
+        manager.on_request_finished(ctx)
+    return time.perf_counter() - t0, hits / max(looked, 1)
+
+
 def replay_vllm_arc(requests: list[list[int]], capacity: int) -> tuple[float, float] | None:
     try:
         from vllm.v1.kv_offload.cpu.policies.arc import ARCCachePolicy
@@ -140,6 +177,7 @@ def main() -> None:
         runs: dict[str, Any] = {
             "tiered_kv_arc": lambda r=requests: replay_tiered(r, args.capacity, "arc"),
             "tiered_kv_lru": lambda r=requests: replay_tiered(r, args.capacity, "lru"),
+            "vllm_manager": lambda r=requests: replay_vllm_manager(r, args.capacity),
             "vllm_arc": lambda r=requests: replay_vllm_arc(r, args.capacity),
             "dict_lru": lambda r=requests: replay_dict_lru(r, args.capacity),
         }
