@@ -96,8 +96,11 @@ def rows(quick: bool) -> list[tuple[str, str, str, float | None]]:
             out.append((f"{k}, 64 blocks of 256 KiB (CPU tensors)", f"{sw[f'{k}_GBps']:.1f} GB/s",
                         f"one plain tensor copy {sw['plain_copy_GBps']:.1f} GB/s",
                         sw[f"{k}_GBps"] / sw["plain_copy_GBps"]))
+        bk = pp["bookkeeping"]
         out.append(("bookkeeping through the manager's pool (allocate 16 + register + release + match + release)",
-                    f"{pp['bookkeeping_blocks_per_s']:,.0f} blocks/s", "", None))
+                    f"{bk['blocks_per_s']:,.0f} blocks/s",
+                    f"the API's floor in CPython (FloorPool) {bk['floor_blocks_per_s']:,.0f} blocks/s",
+                    bk["blocks_per_s"] / bk["floor_blocks_per_s"]))
     wb = run("bench_writeback.py", *(["--pairs", "1", "--rounds", "200"] if quick else []))
     if wb:
         off, on = wb["storm"]["off"]["p99_ms"]["median"], wb["storm"]["on"]["p99_ms"]["median"]
