@@ -4,8 +4,6 @@ never looked up, would report a cost with nothing behind it)."""
 
 from __future__ import annotations
 
-import io
-import json
 import sys
 from pathlib import Path
 
@@ -21,12 +19,12 @@ from tiered_kv.stress.tracegen import generate_trace
 pytestmark = pytest.mark.vllm
 
 
-def _requests(trace: str) -> tuple[list[list[int]], int]:
+def _requests(trace: str, tmp_path: Path) -> tuple[list[list[int]], int]:
     """(requests, capacity): a generated trace (always here), or the first 1,500 requests of a Mooncake trace."""
     if trace == "generated":
-        buf = io.StringIO()
-        generate_trace(buf, 3000, seed=1)  # 66,694 blocks, 10,134 distinct
-        return [json.loads(line)["hash_ids"] for line in buf.getvalue().splitlines() if line.strip()], 2048
+        path = tmp_path / "generated.jsonl"
+        generate_trace(path, 3000, seed=1)  # 66,694 blocks, 10,134 distinct
+        return bench_trace.load(path), 2048
     path = bench_trace.TRACES / f"{trace}.jsonl"
     if not path.exists():
         pytest.skip(f"{path} is not here")
@@ -34,8 +32,8 @@ def _requests(trace: str) -> tuple[list[list[int]], int]:
 
 
 @pytest.mark.parametrize("trace", ["generated", "mooncake_conversation", "mooncake_synthetic"])
-def test_the_vllm_manager_replay_caches_as_its_policy_does(trace: str) -> None:
-    requests, capacity = _requests(trace)
+def test_the_vllm_manager_replay_caches_as_its_policy_does(trace: str, tmp_path: Path) -> None:
+    requests, capacity = _requests(trace, tmp_path)
     manager = bench_trace.replay_vllm_manager(requests, capacity)
     policy = bench_trace.replay_vllm_arc(requests, capacity)
     lru = bench_trace.replay_dict_lru(requests, capacity)
